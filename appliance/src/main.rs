@@ -1,0 +1,280 @@
+//! `lifeboat`: the appliance (config server, process server, master target) and the mobility
+//! agent in one binary. `lifeboat serve` runs the appliance; `lifeboat agent ...` runs on a
+//! protected machine; `lifeboat replay` restores a disk straight from blob storage.
+
+mod config;
+mod metrics;
+mod secrets;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use gateway::agent::{Agent, AgentConfig, DiskSpec};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "lifeboat", version, about = "Disaster-recovery storage gateway: replicate disks to blob storage, recover any point in time")]
+struct Cli {
+    /// Log filter (e.g. info, debug, gateway=trace); also RUST_LOG.
+    #[arg(long, global = true, env = "LIFEBOAT_LOG", default_value = "info")]
+    log: String,
+    /// Logs as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the appliance roles (config server, process server, master target).
+    Serve {
+        /// TOML config file; without it the embedded defaults are used (data in ./lifeboat-data).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the ready message as one JSON line (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The mobility agent: replicate this machine's disks.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Restore a disk image straight from blob storage (needs the passphrase, not the appliance).
+    Replay(ReplayArgs),
+    /// Print the embedded default configuration as TOML.
+    DefaultConfig,
+}
+
+#[derive(Args, Clone)]
+struct Connection {
+    /// The process server, e.g. https://appliance:9443.
+    #[arg(long)]
+    server: String,
+    /// CA certificate (PEM) to trust for the server: the appliance's cert.pem when self-signed.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// File holding the registration passphrase.
+    #[arg(long)]
+    passphrase_file: PathBuf,
+    /// This machine's name, as the appliance will know it.
+    #[arg(long)]
+    machine: String,
+    /// How long to keep retrying when the server goes away mid-sync.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    retry_for: Duration,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Copy the disks (first run: all non-zero blocks; later: only changed blocks).
+    Sync {
+        #[command(flatten)]
+        conn: Connection,
+        /// A disk to replicate: PATH (named disk0, disk1, ... in order) or NAME=PATH.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// Keep syncing every SECONDS until Ctrl-C.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<u64>,
+        /// Print the summary as JSON (and no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Append an app-consistent bookmark (after quiescing applications) to the stream.
+    Bookmark {
+        #[command(flatten)]
+        conn: Connection,
+        /// A label for the recovery point.
+        #[arg(long, default_value = "")]
+        label: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Blob storage URL (file:///path, az://container, s3://bucket).
+    #[arg(long)]
+    blob_url: String,
+    /// object_store option KEY=VALUE (e.g. azure_storage_endpoint=...); repeatable.
+    #[arg(long = "blob-option", value_name = "KEY=VALUE")]
+    blob_options: Vec<String>,
+    #[arg(long)]
+    passphrase_file: PathBuf,
+    #[arg(long)]
+    machine: String,
+    #[arg(long)]
+    disk: String,
+    /// Output image file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Stop after this sequence number (default: everything in blob storage).
+    #[arg(long)]
+    until_seq: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_logging(filter: &str, json: bool) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let builder = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn parse_disks(specs: &[String]) -> anyhow::Result<Vec<DiskSpec>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (name, path) = match s.split_once('=') {
+                Some((n, p)) => (n.to_string(), p),
+                None => (format!("disk{i}"), s.as_str()),
+            };
+            anyhow::ensure!(gateway::server::valid_name(&name), "invalid disk name {name:?}: use letters, digits, '-', '_' or '.'");
+            Ok(DiskSpec { name, path: PathBuf::from(path) })
+        })
+        .collect()
+}
+
+async fn connect(conn: &Connection) -> anyhow::Result<Agent> {
+    let passphrase = std::fs::read_to_string(&conn.passphrase_file)
+        .with_context(|| format!("reading passphrase file {}", conn.passphrase_file.display()))?
+        .trim()
+        .to_string();
+    let ca_pem = match &conn.ca {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),
+        None => None,
+    };
+    let cfg = AgentConfig { server: conn.server.clone(), ca_pem, passphrase, machine: conn.machine.clone(), retry_for: conn.retry_for };
+    Ok(Agent::connect(cfg).await?)
+}
+
+async fn agent_sync(conn: Connection, disks: Vec<String>, watch: Option<u64>, json: bool) -> anyhow::Result<()> {
+    let disks = parse_disks(&disks)?;
+    let agent = connect(&conn).await?;
+    loop {
+        let total: u64 = disks
+            .iter()
+            .map(|d| std::fs::File::open(&d.path).and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))).unwrap_or(0))
+            .sum();
+        let bar = if json { ProgressBar::hidden() } else { ProgressBar::new(total) };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("syncing {}", conn.machine));
+        let b = bar.clone();
+        let summary = agent.sync(&disks, Arc::new(move |n| b.inc(n))).await?;
+        bar.finish_and_clear();
+        if json {
+            println!("{}", serde_json::to_string(&summary)?);
+        } else {
+            println!(
+                "synced {}: scanned {}, sent {} in {:.1}s",
+                summary.machine,
+                bytesize::ByteSize(summary.bytes_scanned),
+                bytesize::ByteSize(summary.bytes_sent),
+                summary.seconds
+            );
+            for d in &summary.disks {
+                println!(
+                    "  {}: {} changed blocks, {} zeroed, sent {}, acked through seq {}",
+                    d.disk,
+                    d.blocks_changed,
+                    d.blocks_zeroed,
+                    bytesize::ByteSize(d.bytes_sent),
+                    d.last_seq
+                );
+            }
+        }
+        let Some(secs) = watch else { return Ok(()) };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
+    let mut opts = std::collections::BTreeMap::new();
+    for o in &a.blob_options {
+        let (k, v) = o.split_once('=').with_context(|| format!("--blob-option {o:?}: expected KEY=VALUE"))?;
+        opts.insert(k.to_string(), v.to_string());
+    }
+    let store = gateway::blob::open_store(&a.blob_url, &opts)?;
+    let passphrase = std::fs::read_to_string(&a.passphrase_file).with_context(|| format!("reading {}", a.passphrase_file.display()))?;
+    let kek = gateway::blob::open_keyring(store.as_ref(), passphrase.trim())
+        .await?
+        .with_context(|| format!("{} holds no Lifeboat keyring", a.blob_url))?;
+    let path = object_store::path::Path::from(format!("{}/disk.json", gateway::blob::layout::disk_prefix(&a.machine, &a.disk)));
+    let desc = store.get(&path).await.with_context(|| format!("disk {}/{} is not in blob storage", a.machine, a.disk))?.bytes().await?;
+    let desc: gateway::server::DiskDescriptor = serde_json::from_slice(&desc).context("disk descriptor")?;
+    let outcome = gateway::replay::replay_disk(store.as_ref(), &kek, &a.machine, &a.disk, desc.size, a.until_seq, &a.out).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"machine": a.machine, "disk": a.disk, "size": desc.size, "segments": outcome.segments, "records": outcome.records, "last_seq": outcome.last_seq})
+        );
+    } else {
+        println!(
+            "restored {}/{} to {} ({} bytes) from {} segments, through seq {}",
+            a.machine,
+            a.disk,
+            a.out.display(),
+            desc.size,
+            outcome.segments,
+            outcome.last_seq
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { config, json } => {
+                let cfg = config::Config::load(config.as_deref())?.resolve()?;
+                serve::run(cfg, json).await
+            }
+            Command::Agent(AgentCommand::Sync { conn, disks, watch, json }) => agent_sync(conn, disks, watch, json).await,
+            Command::Agent(AgentCommand::Bookmark { conn, label, json }) => {
+                let agent = connect(&conn).await?;
+                let ack = agent.bookmark(&label).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&ack)?);
+                } else {
+                    println!("bookmark {:?} recorded as recovery point {}", label, ack.point.unwrap_or(0));
+                }
+                Ok(())
+            }
+            Command::Replay(a) => replay(a).await,
+            Command::DefaultConfig => {
+                print!("{}", toml::to_string_pretty(&config::Config::default())?);
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line: the error and its causes.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("lifeboat: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

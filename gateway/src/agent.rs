@@ -1,0 +1,384 @@
+//! The mobility agent's client side: registers with the process server, then replicates disks.
+//! A sync reads each disk once, hashes it in 64 KiB blocks, compares with the replica's checksums
+//! and sends only the blocks that differ (the first sync of a disk sends every non-zero block),
+//! as batches of up to 8 MiB with several in flight. A batch is retried under the same id until
+//! acked, so it is never lost and never committed twice.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use rand::RngCore;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::journal::{block_checksum, Ack, BLOCK_SIZE};
+use crate::protocol::{encode_batch, IngestRecord};
+use crate::server::{BookmarkRequest, DiskRequest, DiskResponse, ErrorBody, RegisterRequest, RegisterResponse};
+
+/// Most bytes of block data in one batch.
+pub const BATCH_BYTES: usize = 8 << 20;
+/// Longest extent in one record.
+pub const EXTENT_BYTES: u64 = 1 << 20;
+/// Batches in flight at once.
+pub const IN_FLIGHT: usize = 4;
+const READ_BYTES: usize = 4 << 20;
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("registration refused: wrong passphrase")]
+    WrongPassphrase,
+    #[error("cannot reach the process server at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("the process server's certificate is not trusted (check --ca): {0}")]
+    Untrusted(String),
+    #[error("the process server refused the request ({status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("disk {name} ({path}): {source}")]
+    Disk {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid CA certificate {0}")]
+    BadCa(String),
+    #[error("gave up after {0:?} of failed retries: {1}")]
+    GaveUp(Duration, String),
+}
+
+/// Where and as whom the agent talks to the process server.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub server: String,
+    pub ca_pem: Option<Vec<u8>>,
+    pub passphrase: String,
+    pub machine: String,
+    /// How long transient failures (server restarting, network) are retried before giving up.
+    pub retry_for: Duration,
+}
+
+/// One disk to replicate.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Per-disk outcome of a sync.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskSummary {
+    pub disk: String,
+    pub size: u64,
+    pub bytes_scanned: u64,
+    pub bytes_sent: u64,
+    pub blocks_changed: u64,
+    pub blocks_zeroed: u64,
+    /// Highest sequence number acked for this disk (0 if nothing was sent).
+    pub last_seq: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncSummary {
+    pub machine: String,
+    pub disks: Vec<DiskSummary>,
+    pub bytes_scanned: u64,
+    pub bytes_sent: u64,
+    pub seconds: f64,
+}
+
+/// A registered session with the process server.
+pub struct Agent {
+    cfg: AgentConfig,
+    http: reqwest::Client,
+    token: String,
+    session: u64,
+    next_batch: std::sync::atomic::AtomicU64,
+}
+
+fn describe(e: &reqwest::Error, url: &str) -> AgentError {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    let mut deepest = e.to_string();
+    while let Some(s) = source {
+        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+            return AgentError::Untrusted(tls.to_string());
+        }
+        let text = s.to_string();
+        if text.contains("certificate") || text.contains("UnknownIssuer") {
+            return AgentError::Untrusted(text);
+        }
+        deepest = text;
+        source = s.source();
+    }
+    AgentError::Unreachable { url: url.to_owned(), reason: deepest }
+}
+
+async fn refused(resp: reqwest::Response) -> AgentError {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error).unwrap_or(text);
+    AgentError::Refused { status, message }
+}
+
+impl Agent {
+    /// Registers with the process server and returns a session.
+    pub async fn connect(cfg: AgentConfig) -> Result<Self, AgentError> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .pool_max_idle_per_host(IN_FLIGHT * 2)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120));
+        if let Some(pem) = &cfg.ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| AgentError::BadCa(e.to_string()))? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| AgentError::BadCa(e.to_string()))?;
+        let url = format!("{}/v1/register", cfg.server.trim_end_matches('/'));
+        let req = RegisterRequest { machine: cfg.machine.clone(), passphrase: cfg.passphrase.clone(), agent_version: env!("CARGO_PKG_VERSION").into() };
+        let resp = http.post(&url).json(&req).send().await.map_err(|e| describe(&e, &cfg.server))?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(AgentError::WrongPassphrase);
+        }
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        let reg: RegisterResponse = resp.json().await.map_err(|e| describe(&e, &cfg.server))?;
+        let mut raw = [0u8; 8];
+        rand::thread_rng().fill_bytes(&mut raw);
+        Ok(Self { cfg, http, token: reg.token, session: u64::from_be_bytes(raw), next_batch: 1.into() })
+    }
+
+    fn url(&self, tail: &str) -> String {
+        format!("{}/v1/machines/{}/{tail}", self.cfg.server.trim_end_matches('/'), self.cfg.machine)
+    }
+
+    /// Sends a request built by `make`, retrying transient failures (transport errors, 5xx,
+    /// 503 with Retry-After) until `retry_for` passes without success.
+    async fn send_retrying(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<reqwest::Response, AgentError> {
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let last_error = match make().bearer_auth(&self.token).send().await {
+                Ok(r) if r.status().is_success() => return Ok(r),
+                Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                    // Backpressure: the cache is full. Wait as told and never give up on it.
+                    let secs = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(1u64);
+                    let e = refused(r).await;
+                    tracing::debug!(error = %e, "held back by the process server");
+                    tokio::time::sleep(Duration::from_secs(secs.clamp(1, 30))).await;
+                    continue;
+                }
+                Ok(r) if r.status().is_server_error() => refused(r).await,
+                Ok(r) => return Err(refused(r).await),
+                Err(e) => match describe(&e, &self.cfg.server) {
+                    AgentError::Untrusted(m) => return Err(AgentError::Untrusted(m)),
+                    other => other,
+                },
+            };
+            if started.elapsed() > self.cfg.retry_for {
+                return Err(AgentError::GaveUp(self.cfg.retry_for, last_error.to_string()));
+            }
+            tracing::warn!(error = %last_error, retry_in = ?wait, "request failed; retrying");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Sends one batch and returns its ack (retrying as needed under the same batch id).
+    pub async fn send_batch(&self, records: &[IngestRecord]) -> Result<Ack, AgentError> {
+        let body = encode_batch(records);
+        let batch = self.next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url = self.url("batches");
+        let resp = self
+            .send_retrying(|| {
+                self.http
+                    .post(&url)
+                    .header("x-lifeboat-session", format!("{:x}", self.session))
+                    .header("x-lifeboat-batch", format!("{batch:x}"))
+                    .header("content-type", "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        resp.json().await.map_err(|e| describe(&e, &self.cfg.server))
+    }
+
+    /// Appends an app-consistent bookmark to the machine's stream; returns the ack with the point id.
+    pub async fn bookmark(&self, label: &str) -> Result<Ack, AgentError> {
+        let url = self.url("bookmarks");
+        let req = BookmarkRequest { label: label.to_owned() };
+        let resp = self.send_retrying(|| self.http.post(&url).json(&req)).await?;
+        resp.json().await.map_err(|e| describe(&e, &self.cfg.server))
+    }
+
+    async fn register_disk(&self, disk: &str, size: u64) -> Result<DiskResponse, AgentError> {
+        let url = self.url(&format!("disks/{disk}"));
+        let req = DiskRequest { size };
+        let resp = self.send_retrying(|| self.http.put(&url).json(&req)).await?;
+        resp.json().await.map_err(|e| describe(&e, &self.cfg.server))
+    }
+
+    async fn replica_checksums(&self, disk: &str) -> Result<Vec<u8>, AgentError> {
+        let url = self.url(&format!("disks/{disk}/checksums"));
+        let resp = self.send_retrying(|| self.http.get(&url)).await?;
+        Ok(resp.bytes().await.map_err(|e| describe(&e, &self.cfg.server))?.to_vec())
+    }
+
+    /// Replicates `disks`; `progress` is told how many bytes were scanned.
+    pub async fn sync(&self, disks: &[DiskSpec], progress: Arc<dyn Fn(u64) + Send + Sync>) -> Result<SyncSummary, AgentError> {
+        let started = Instant::now();
+        let mut summary = SyncSummary { machine: self.cfg.machine.clone(), ..Default::default() };
+        for spec in disks {
+            let d = self.sync_disk(spec, progress.clone()).await?;
+            summary.bytes_scanned += d.bytes_scanned;
+            summary.bytes_sent += d.bytes_sent;
+            summary.disks.push(d);
+        }
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+
+    async fn sync_disk(&self, spec: &DiskSpec, progress: Arc<dyn Fn(u64) + Send + Sync>) -> Result<DiskSummary, AgentError> {
+        let disk_err = |source| AgentError::Disk { name: spec.name.clone(), path: spec.path.display().to_string(), source };
+        let mut file = File::open(&spec.path).map_err(disk_err)?;
+        let size = file.seek(SeekFrom::End(0)).map_err(disk_err)?;
+        file.seek(SeekFrom::Start(0)).map_err(disk_err)?;
+        if size == 0 {
+            return Err(disk_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "disk is empty")));
+        }
+        self.register_disk(&spec.name, size).await?;
+        let replica = self.replica_checksums(&spec.name).await?;
+        let expected = size.div_ceil(BLOCK_SIZE) as usize * 16;
+        if replica.len() != expected {
+            return Err(AgentError::Refused { status: 200, message: format!("checksum map of {} bytes, expected {expected}", replica.len()) });
+        }
+        // A blocking thread reads and diffs the disk; batches flow back over a bounded channel.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<IngestRecord>, u64, u64, u64)>(IN_FLIGHT);
+        let name = spec.name.clone();
+        let path = spec.path.display().to_string();
+        let scanner = tokio::task::spawn_blocking(move || scan_disk(file, size, &name, &replica, tx, progress).map_err(|e| (path, e)));
+        let mut summary = DiskSummary { disk: spec.name.clone(), size, ..Default::default() };
+        let mut in_flight = FuturesUnordered::new();
+        let mut channel_open = true;
+        loop {
+            tokio::select! {
+                msg = rx.recv(), if channel_open && in_flight.len() < IN_FLIGHT => match msg {
+                    Some((records, sent, changed, zeroed)) => {
+                        summary.bytes_sent += sent;
+                        summary.blocks_changed += changed;
+                        summary.blocks_zeroed += zeroed;
+                        in_flight.push(async move { self.send_batch(&records).await });
+                    }
+                    None => channel_open = false,
+                },
+                Some(ack) = in_flight.next(), if !in_flight.is_empty() => {
+                    let ack = ack?;
+                    if let Some(seq) = ack.seqs.get(&spec.name) {
+                        summary.last_seq = summary.last_seq.max(*seq);
+                    }
+                },
+                else => break,
+            }
+        }
+        let scanned = scanner.await.expect("scan task").map_err(|(path, source)| AgentError::Disk { name: spec.name.clone(), path, source })?;
+        summary.bytes_scanned = scanned;
+        Ok(summary)
+    }
+}
+
+/// Reads the disk, diffs it against `replica` checksums, and sends batches of records with
+/// `(records, data bytes, changed blocks, zeroed blocks)`. Returns bytes scanned.
+fn scan_disk(
+    mut file: File,
+    size: u64,
+    disk: &str,
+    replica: &[u8],
+    tx: tokio::sync::mpsc::Sender<(Vec<IngestRecord>, u64, u64, u64)>,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; READ_BYTES];
+    let mut pos = 0u64;
+    let mut batch: Vec<IngestRecord> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let (mut changed, mut zeroed) = (0u64, 0u64);
+    // The extent being built: (start offset, data) for writes, or (start, len) for zeros.
+    let mut write_run: Option<(u64, Vec<u8>)> = None;
+    let mut zero_run: Option<(u64, u64)> = None;
+    let flush = |batch: &mut Vec<IngestRecord>, batch_bytes: &mut usize, changed: &mut u64, zeroed: &mut u64| -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let msg = (std::mem::take(batch), *batch_bytes as u64, *changed, *zeroed);
+        *batch_bytes = 0;
+        *changed = 0;
+        *zeroed = 0;
+        tx.blocking_send(msg).is_ok()
+    };
+    while pos < size {
+        let want = ((size - pos) as usize).min(READ_BYTES);
+        file.read_exact(&mut buf[..want])?;
+        for (i, block) in buf[..want].chunks(BLOCK_SIZE as usize).enumerate() {
+            let off = pos + (i as u64) * BLOCK_SIZE;
+            let index = (off / BLOCK_SIZE) as usize;
+            let theirs = &replica[index * 16..index * 16 + 16];
+            let replica_zero = theirs.iter().all(|b| *b == 0);
+            let is_zero = block.iter().all(|b| *b == 0);
+            let differs = if is_zero { !replica_zero } else { block_checksum(block) != theirs };
+            // Close runs that this block does not continue.
+            let continues_write = differs && !is_zero && write_run.as_ref().is_some_and(|(s, d)| s + d.len() as u64 == off && (d.len() as u64) < EXTENT_BYTES);
+            if !continues_write {
+                if let Some((s, d)) = write_run.take() {
+                    batch_bytes += d.len();
+                    batch.push(IngestRecord::write(disk, s, Bytes::from(d)));
+                }
+            }
+            let continues_zero = differs && is_zero && zero_run.is_some_and(|(s, l)| s + l == off && l < (u32::MAX as u64 / 2));
+            if !continues_zero {
+                if let Some((s, l)) = zero_run.take() {
+                    batch.push(IngestRecord::zero(disk, s, l as u32));
+                }
+            }
+            if differs {
+                if is_zero {
+                    zeroed += 1;
+                    match &mut zero_run {
+                        Some((_, l)) => *l += block.len() as u64,
+                        None => zero_run = Some((off, block.len() as u64)),
+                    }
+                } else {
+                    changed += 1;
+                    match &mut write_run {
+                        Some((_, d)) => d.extend_from_slice(block),
+                        None => {
+                            let mut d = Vec::with_capacity(EXTENT_BYTES as usize);
+                            d.extend_from_slice(block);
+                            write_run = Some((off, d));
+                        }
+                    }
+                }
+            }
+            if (batch_bytes >= BATCH_BYTES || batch.len() >= 4096) && !flush(&mut batch, &mut batch_bytes, &mut changed, &mut zeroed) {
+                return Err(std::io::Error::other("sync cancelled"));
+            }
+        }
+        pos += want as u64;
+        progress(want as u64);
+    }
+    if let Some((s, d)) = write_run.take() {
+        batch_bytes += d.len();
+        batch.push(IngestRecord::write(disk, s, Bytes::from(d)));
+    }
+    if let Some((s, l)) = zero_run.take() {
+        batch.push(IngestRecord::zero(disk, s, l as u32));
+    }
+    if !flush(&mut batch, &mut batch_bytes, &mut changed, &mut zeroed) {
+        return Err(std::io::Error::other("sync cancelled"));
+    }
+    Ok(size)
+}

@@ -1,0 +1,811 @@
+//! The write-ahead journal over RocksDB: the process server's cache between the agents' acks and
+//! blob storage. One writer thread owns every mutation and group-commits whatever arrived while
+//! the previous `WriteBatch` was syncing, so many concurrent ingest batches share one WAL fsync.
+//! An ack is sent only after the sync returned. Readers (the uploader, checksum queries) read the
+//! database directly from blocking threads.
+//!
+//! Column families:
+//! - `meta`: schema version, disks (`disk/MACHINE/DISK`), agent tokens, batch dedupe records,
+//!   segment upload plans, recovery points, cache usage.
+//! - `journal`: `disk_id u32 ‖ seq u64` → record (see `record`), deleted once its segment is in blob.
+//! - `checksums`: `disk_id u32 ‖ block u64` → 16-byte BLAKE3 prefix of the replica's block, for
+//!   delta sync by checksum. Absent means the block is zeros.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::{oneshot, Notify};
+
+use crate::protocol::{IngestRecord, RecordKind};
+use crate::record::LogRecord;
+
+pub const CF_META: &str = "meta";
+pub const CF_JOURNAL: &str = "journal";
+pub const CF_CHECKSUMS: &str = "checksums";
+const SCHEMA_KEY: &[u8] = b"schema";
+const SCHEMA_VERSION: u32 = 1;
+const CACHE_USED_KEY: &[u8] = b"cache_used";
+const NEXT_DISK_KEY: &[u8] = b"next_disk_id";
+const NEXT_POINT_KEY: &[u8] = b"next_point_id";
+
+/// Checksum block size for delta sync: 64 KiB.
+pub const BLOCK_SIZE: u64 = 64 * 1024;
+/// Checksum value meaning "content unknown, always resend" (after a partial-block write).
+pub const UNKNOWN_CHECKSUM: [u8; 16] = [0xff; 16];
+/// Most bytes the writer folds into one group commit.
+const GROUP_COMMIT_BYTES: usize = 128 << 20;
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error("journal database: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("journal schema version {found} is not supported (expected {SCHEMA_VERSION})")]
+    Schema { found: u32 },
+    #[error("cache full: {used} of {max} bytes held; retry after the uploader frees space")]
+    CacheFull { used: u64, max: u64 },
+    #[error("unknown disk {machine}/{disk}: register it before sending writes")]
+    UnknownDisk { machine: String, disk: String },
+    #[error("write to {machine}/{disk} at {offset}+{len} is beyond the disk's {size} bytes")]
+    OutOfRange { machine: String, disk: String, offset: u64, len: u64, size: u64 },
+    #[error("corrupt journal entry: {0}")]
+    Corrupt(String),
+    #[error("the journal writer has stopped")]
+    Stopped,
+}
+
+/// What the journal knows of one disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskMeta {
+    pub id: u32,
+    pub machine: String,
+    pub disk: String,
+    pub size: u64,
+    /// Data key generation used for new segments.
+    pub key_id: u32,
+    /// Next sequence number to assign.
+    pub next_seq: u64,
+    /// Every record with seq ≤ this is in blob storage and gone from the journal.
+    pub uploaded_through: u64,
+    /// Next segment counter (nonce prefix) to hand out.
+    pub next_counter: u64,
+}
+
+/// A segment upload in progress: persisted before the put so a restart re-uploads the very same
+/// range with the very same counter (hence identical bytes).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SegmentPlan {
+    pub disk_id: u32,
+    pub counter: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// A recovery point: one exact position in each of a machine's disk logs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecoveryPoint {
+    pub id: u64,
+    pub machine: String,
+    pub time_ms: u64,
+    pub kind: String,
+    pub label: String,
+    pub seqs: BTreeMap<String, u64>,
+}
+
+/// The answer to a committed batch: the highest sequence number per disk it was given.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Ack {
+    pub batch: u64,
+    pub seqs: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<u64>,
+    /// True when this batch had been committed before (a retry) and nothing was written again.
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// An ingest record with its checksum updates computed off the writer thread.
+#[derive(Debug, Clone)]
+pub struct PreparedRecord {
+    pub record: IngestRecord,
+    /// `(block, checksum)`; `None` deletes the entry (the block is now zeros).
+    pub checksums: Vec<(u64, Option<[u8; 16]>)>,
+}
+
+/// Computes the checksum-table changes of a record: whole blocks get their BLAKE3 prefix (or
+/// deletion when zeroed), partly covered blocks become unknown. The disk's last block may be
+/// short; a record reaching the disk's end covers it whole.
+pub fn prepare(record: IngestRecord, disk_size: u64) -> PreparedRecord {
+    let mut checksums = Vec::new();
+    if matches!(record.kind, RecordKind::Write | RecordKind::Zero) {
+        let start = record.offset;
+        let end = record.offset + record.len as u64;
+        let first = start / BLOCK_SIZE;
+        let last = (end.max(1) - 1) / BLOCK_SIZE;
+        for block in first..=last {
+            let bstart = block * BLOCK_SIZE;
+            let bend = (bstart + BLOCK_SIZE).min(disk_size.max(end));
+            let whole = start <= bstart && end >= bend;
+            let value = if !whole {
+                Some(UNKNOWN_CHECKSUM)
+            } else if record.kind == RecordKind::Zero {
+                None
+            } else {
+                let data = &record.payload[(bstart - start) as usize..(bend - start) as usize];
+                if data.iter().all(|b| *b == 0) {
+                    None
+                } else {
+                    Some(block_checksum(data))
+                }
+            };
+            checksums.push((block, value));
+        }
+    }
+    PreparedRecord { record, checksums }
+}
+
+/// The delta-sync checksum of one block.
+pub fn block_checksum(data: &[u8]) -> [u8; 16] {
+    let h = blake3::hash(data);
+    h.as_bytes()[..16].try_into().expect("16 bytes")
+}
+
+enum Command {
+    Commit { machine: String, session: u64, batch: u64, records: Vec<PreparedRecord>, bytes: usize, reply: oneshot::Sender<Result<Ack, JournalError>> },
+    RegisterDisk { machine: String, disk: String, size: u64, key_id: u32, reply: oneshot::Sender<Result<DiskMeta, JournalError>> },
+    PlanSegment { disk_id: u32, first_seq: u64, last_seq: u64, reply: oneshot::Sender<Result<SegmentPlan, JournalError>> },
+    Uploaded { plan: SegmentPlan, bytes: u64, reply: oneshot::Sender<Result<(), JournalError>> },
+    AddToken { hash: [u8; 32], machine: String, reply: oneshot::Sender<Result<(), JournalError>> },
+}
+
+/// Shared, read-mostly state; only the writer thread mutates it.
+pub struct JournalState {
+    pub disks: RwLock<BTreeMap<u32, DiskMeta>>,
+    pub plans: RwLock<BTreeMap<u32, SegmentPlan>>,
+    pub cache_used: AtomicU64,
+    pub max_bytes: u64,
+    /// Woken after each commit, so the uploader starts at once.
+    pub committed: Notify,
+    /// Woken after each upload frees space, so held-back ingest can retry.
+    pub freed: Notify,
+}
+
+/// The journal handle: cheap to clone, usable from async code (the calls hand work to the writer
+/// thread and await its answer).
+#[derive(Clone)]
+pub struct Journal {
+    db: Arc<DB>,
+    tx: Sender<Command>,
+    pub state: Arc<JournalState>,
+    _writer: Arc<WriterGuard>,
+}
+
+struct WriterGuard {
+    tx: Option<Sender<Command>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn journal_key(disk_id: u32, seq: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&disk_id.to_be_bytes());
+    k[4..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn checksum_key(disk_id: u32, block: u64) -> [u8; 12] {
+    journal_key(disk_id, block)
+}
+
+fn disk_meta_key(machine: &str, disk: &str) -> Vec<u8> {
+    format!("disk/{machine}/{disk}").into_bytes()
+}
+
+fn plan_key(disk_id: u32) -> Vec<u8> {
+    format!("plan/{disk_id:08x}").into_bytes()
+}
+
+fn batch_key(machine: &str, session: u64, batch: u64) -> Vec<u8> {
+    format!("batch/{machine}/{session:016x}/{batch:016x}").into_bytes()
+}
+
+fn point_key(machine: &str, id: u64) -> Vec<u8> {
+    format!("point/{machine}/{id:016x}").into_bytes()
+}
+
+fn token_key(hash: &[u8; 32]) -> Vec<u8> {
+    format!("token/{}", hex::encode(hash)).into_bytes()
+}
+
+fn u64_value(v: Option<Vec<u8>>) -> u64 {
+    v.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `path` with a cache limit of `max_bytes`.
+    pub fn open(path: &Path, max_bytes: u64) -> Result<Self, JournalError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_bytes_per_sync(8 << 20);
+        let mut journal_opts = Options::default();
+        journal_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        journal_opts.set_write_buffer_size(128 << 20);
+        journal_opts.set_max_write_buffer_number(4);
+        journal_opts.set_target_file_size_base(128 << 20);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_JOURNAL, journal_opts),
+            ColumnFamilyDescriptor::new(CF_CHECKSUMS, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        let meta = db.cf_handle(CF_META).expect("meta cf");
+        match db.get_cf(meta, SCHEMA_KEY)? {
+            Some(v) => {
+                let found = v.try_into().ok().map(u32::from_be_bytes).unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(JournalError::Schema { found });
+                }
+            }
+            None => db.put_cf(meta, SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes())?,
+        }
+        let mut disks = BTreeMap::new();
+        for item in db.prefix_iterator_cf(meta, b"disk/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"disk/") {
+                break;
+            }
+            let d: DiskMeta = serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("disk record: {e}")))?;
+            disks.insert(d.id, d);
+        }
+        let mut plans = BTreeMap::new();
+        for item in db.prefix_iterator_cf(meta, b"plan/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"plan/") {
+                break;
+            }
+            let p: SegmentPlan = serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("plan record: {e}")))?;
+            plans.insert(p.disk_id, p);
+        }
+        let cache_used = u64_value(db.get_cf(meta, CACHE_USED_KEY)?);
+        let db = Arc::new(db);
+        let state = Arc::new(JournalState {
+            disks: RwLock::new(disks),
+            plans: RwLock::new(plans),
+            cache_used: AtomicU64::new(cache_used),
+            max_bytes,
+            committed: Notify::new(),
+            freed: Notify::new(),
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let writer = Writer { db: db.clone(), state: state.clone() };
+        let handle = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run(rx))
+            .expect("spawn journal writer");
+        Ok(Self {
+            db,
+            tx: tx.clone(),
+            state,
+            _writer: Arc::new(WriterGuard { tx: Some(tx), handle: Some(handle) }),
+        })
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Command) -> Result<T, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| JournalError::Stopped)?;
+        rx.await.map_err(|_| JournalError::Stopped)?
+    }
+
+    /// Commits a batch durably (synced WAL) and returns its ack. A batch already committed under
+    /// the same `(machine, session, batch)` returns the original ack without writing again.
+    pub async fn commit(&self, machine: &str, session: u64, batch: u64, records: Vec<PreparedRecord>) -> Result<Ack, JournalError> {
+        let bytes = records.iter().map(|r| r.record.payload.len() + 64).sum();
+        self.call(|reply| Command::Commit { machine: machine.to_owned(), session, batch, records, bytes, reply }).await
+    }
+
+    /// Registers a disk (or updates its size). `key_id` is used only for a new disk.
+    pub async fn register_disk(&self, machine: &str, disk: &str, size: u64, key_id: u32) -> Result<DiskMeta, JournalError> {
+        self.call(|reply| Command::RegisterDisk { machine: machine.to_owned(), disk: disk.to_owned(), size, key_id, reply }).await
+    }
+
+    pub async fn plan_segment(&self, disk_id: u32, first_seq: u64, last_seq: u64) -> Result<SegmentPlan, JournalError> {
+        self.call(|reply| Command::PlanSegment { disk_id, first_seq, last_seq, reply }).await
+    }
+
+    /// Drops a segment's records from the journal once it is durable in blob storage; `bytes` is
+    /// what they took in the journal (the sum of their journal value lengths).
+    pub async fn segment_uploaded(&self, plan: SegmentPlan, bytes: u64) -> Result<(), JournalError> {
+        self.call(|reply| Command::Uploaded { plan, bytes, reply }).await
+    }
+
+    /// Stores an agent token's hash for `machine`.
+    pub async fn add_token(&self, hash: [u8; 32], machine: &str) -> Result<(), JournalError> {
+        self.call(|reply| Command::AddToken { hash, machine: machine.to_owned(), reply }).await
+    }
+
+    /// The machine a token hash belongs to (blocking read).
+    pub fn token_machine(&self, hash: &[u8; 32]) -> Result<Option<String>, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        Ok(self.db.get_cf(meta, token_key(hash))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn disk(&self, machine: &str, disk: &str) -> Option<DiskMeta> {
+        self.state.disks.read().expect("lock").values().find(|d| d.machine == machine && d.disk == disk).cloned()
+    }
+
+    pub fn disks(&self) -> Vec<DiskMeta> {
+        self.state.disks.read().expect("lock").values().cloned().collect()
+    }
+
+    pub fn cache_used(&self) -> u64 {
+        self.state.cache_used.load(Ordering::Relaxed)
+    }
+
+    /// The replica's block checksums for a disk, 16 bytes per block, zeros for absent blocks
+    /// (blocking read).
+    pub fn checksums(&self, disk: &DiskMeta) -> Result<Vec<u8>, JournalError> {
+        let blocks = disk.size.div_ceil(BLOCK_SIZE);
+        let mut out = vec![0u8; (blocks * 16) as usize];
+        let cf = self.db.cf_handle(CF_CHECKSUMS).expect("checksums cf");
+        let start = checksum_key(disk.id, 0);
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item?;
+            if k[..4] != disk.id.to_be_bytes() {
+                break;
+            }
+            let block = u64::from_be_bytes(k[4..12].try_into().expect("8"));
+            if block < blocks && v.len() == 16 {
+                out[(block * 16) as usize..(block * 16 + 16) as usize].copy_from_slice(&v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads journal records of a disk with `seq` in `[first, last]`, stopping early once
+    /// `max_bytes` of payload are collected (blocking read).
+    pub fn read_records(&self, disk_id: u32, first: u64, last: u64, max_bytes: usize) -> Result<Vec<LogRecord>, JournalError> {
+        let cf = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
+        let start = journal_key(disk_id, first);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item?;
+            if k[..4] != disk_id.to_be_bytes() {
+                break;
+            }
+            let seq = u64::from_be_bytes(k[4..12].try_into().expect("8"));
+            if seq > last {
+                break;
+            }
+            let r = LogRecord::from_journal_value(&v).map_err(|e| JournalError::Corrupt(format!("disk {disk_id} seq {seq}: {e}")))?;
+            if r.seq != seq {
+                return Err(JournalError::Corrupt(format!("disk {disk_id}: key seq {seq} holds record seq {}", r.seq)));
+            }
+            bytes += r.payload.len();
+            out.push(r);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Recovery points of a machine, oldest first (blocking read).
+    pub fn points(&self, machine: &str) -> Result<Vec<RecoveryPoint>, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let prefix = format!("point/{machine}/").into_bytes();
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(meta, &prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("point: {e}")))?);
+        }
+        Ok(out)
+    }
+}
+
+struct Writer {
+    db: Arc<DB>,
+    state: Arc<JournalState>,
+}
+
+/// Per-group scratch state: disk metadata changed by this group, not yet published.
+struct Group<'a> {
+    wb: WriteBatch,
+    disks: HashMap<u32, DiskMeta>,
+    acks: HashMap<Vec<u8>, Ack>,
+    cache_used: u64,
+    next_point: Option<u64>,
+    db: &'a DB,
+}
+
+impl Writer {
+    fn run(self, rx: Receiver<Command>) {
+        while let Ok(first) = rx.recv() {
+            let mut cmds = vec![first];
+            let mut bytes = 0usize;
+            while bytes < GROUP_COMMIT_BYTES {
+                match rx.try_recv() {
+                    Ok(c) => {
+                        if let Command::Commit { bytes: b, .. } = &c {
+                            bytes += b;
+                        }
+                        cmds.push(c)
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.process(cmds);
+        }
+    }
+
+    fn process(&self, cmds: Vec<Command>) {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let mut g = Group {
+            wb: WriteBatch::default(),
+            disks: HashMap::new(),
+            acks: HashMap::new(),
+            cache_used: self.state.cache_used.load(Ordering::Relaxed),
+            next_point: None,
+            db: &self.db,
+        };
+        let mut replies: Vec<Box<dyn FnOnce(Option<&str>)>> = Vec::new();
+        let mut new_plans = Vec::new();
+        let mut done_plans = Vec::new();
+        let mut committed_any = false;
+        let mut freed_any = false;
+        for cmd in cmds {
+            match cmd {
+                Command::Commit { machine, session, batch, records, bytes, reply } => {
+                    let r = self.commit(&mut g, &machine, session, batch, records, bytes as u64);
+                    committed_any |= r.is_ok();
+                    replies.push(Box::new(move |err| {
+                        let _ = reply.send(match err {
+                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
+                            None => r,
+                        });
+                    }));
+                }
+                Command::RegisterDisk { machine, disk, size, key_id, reply } => {
+                    let r = self.register_disk(&mut g, &machine, &disk, size, key_id);
+                    replies.push(Box::new(move |err| {
+                        let _ = reply.send(match err {
+                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
+                            None => r,
+                        });
+                    }));
+                }
+                Command::PlanSegment { disk_id, first_seq, last_seq, reply } => {
+                    let r = self.plan(&mut g, disk_id, first_seq, last_seq);
+                    if let Ok(p) = &r {
+                        new_plans.push(*p);
+                    }
+                    replies.push(Box::new(move |err| {
+                        let _ = reply.send(match err {
+                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
+                            None => r,
+                        });
+                    }));
+                }
+                Command::Uploaded { plan, bytes, reply } => {
+                    let r = self.uploaded(&mut g, plan, bytes);
+                    if r.is_ok() {
+                        done_plans.push(plan);
+                        freed_any = true;
+                    }
+                    replies.push(Box::new(move |err| {
+                        let _ = reply.send(match err {
+                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
+                            None => r,
+                        });
+                    }));
+                }
+                Command::AddToken { hash, machine, reply } => {
+                    g.wb.put_cf(meta, token_key(&hash), machine.as_bytes());
+                    replies.push(Box::new(move |err| {
+                        let _ = reply.send(match err {
+                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
+                            None => Ok(()),
+                        });
+                    }));
+                }
+            }
+        }
+        for d in g.disks.values() {
+            g.wb.put_cf(meta, disk_meta_key(&d.machine, &d.disk), serde_json::to_vec(d).expect("json"));
+        }
+        g.wb.put_cf(meta, CACHE_USED_KEY, g.cache_used.to_be_bytes());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        let result = self.db.write_opt(g.wb, &wo);
+        let err = result.as_ref().err().map(|e| format!("journal write failed: {e}"));
+        if err.is_none() {
+            {
+                let mut disks = self.state.disks.write().expect("lock");
+                for (id, d) in g.disks {
+                    disks.insert(id, d);
+                }
+            }
+            {
+                let mut plans = self.state.plans.write().expect("lock");
+                for p in new_plans {
+                    plans.insert(p.disk_id, p);
+                }
+                for p in done_plans {
+                    plans.remove(&p.disk_id);
+                }
+            }
+            self.state.cache_used.store(g.cache_used, Ordering::Relaxed);
+        } else {
+            tracing::error!(error = err.as_deref().unwrap_or(""), "journal group commit failed");
+        }
+        for reply in replies {
+            reply(err.as_deref());
+        }
+        if committed_any {
+            self.state.committed.notify_waiters();
+            self.state.committed.notify_one();
+        }
+        if freed_any {
+            self.state.freed.notify_waiters();
+        }
+    }
+
+    fn disk_mut<'g>(&self, g: &'g mut Group, id: u32) -> Option<&'g mut DiskMeta> {
+        if !g.disks.contains_key(&id) {
+            let d = self.state.disks.read().expect("lock").get(&id).cloned()?;
+            g.disks.insert(id, d);
+        }
+        g.disks.get_mut(&id)
+    }
+
+    /// Assigns the next sequence number of disk `id`; returns it and the disk's name.
+    fn take_seq(&self, g: &mut Group, id: u32) -> (u64, String) {
+        let d = self.disk_mut(g, id).expect("validated disk");
+        let seq = d.next_seq;
+        d.next_seq += 1;
+        (seq, d.disk.clone())
+    }
+
+    fn find_disk(&self, g: &Group, machine: &str, disk: &str) -> Option<u32> {
+        g.disks
+            .values()
+            .find(|d| d.machine == machine && d.disk == disk)
+            .map(|d| d.id)
+            .or_else(|| self.state.disks.read().expect("lock").values().find(|d| d.machine == machine && d.disk == disk).map(|d| d.id))
+    }
+
+    fn machine_disks(&self, g: &Group, machine: &str) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.state.disks.read().expect("lock").values().filter(|d| d.machine == machine).map(|d| d.id).collect();
+        ids.extend(g.disks.values().filter(|d| d.machine == machine).map(|d| d.id));
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    fn commit(&self, g: &mut Group, machine: &str, session: u64, batch: u64, records: Vec<PreparedRecord>, bytes: u64) -> Result<Ack, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let journal = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
+        let sums = self.db.cf_handle(CF_CHECKSUMS).expect("checksums cf");
+        let bkey = batch_key(machine, session, batch);
+        if let Some(ack) = g.acks.get(&bkey) {
+            return Ok(Ack { duplicate: true, ..ack.clone() });
+        }
+        if let Some(v) = g.db.get_cf(meta, &bkey)? {
+            let ack: Ack = serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("batch ack: {e}")))?;
+            return Ok(Ack { duplicate: true, ..ack });
+        }
+        if g.cache_used > 0 && g.cache_used + bytes > self.state.max_bytes {
+            return Err(JournalError::CacheFull { used: g.cache_used, max: self.state.max_bytes });
+        }
+        // Validate the whole batch before touching anything: it commits all or nothing.
+        let mut ids = Vec::with_capacity(records.len());
+        for p in &records {
+            let r = &p.record;
+            if r.kind == RecordKind::Bookmark {
+                ids.push(None);
+                continue;
+            }
+            let id = self.find_disk(g, machine, &r.disk).ok_or_else(|| JournalError::UnknownDisk { machine: machine.into(), disk: r.disk.clone() })?;
+            let size = self.disk_mut(g, id).expect("disk").size;
+            if r.offset + r.len as u64 > size {
+                return Err(JournalError::OutOfRange { machine: machine.into(), disk: r.disk.clone(), offset: r.offset, len: r.len as u64, size });
+            }
+            ids.push(Some(id));
+        }
+        let now = now_ms();
+        let mut ack = Ack { batch, ..Default::default() };
+        let mut added = 0u64;
+        for (p, id) in records.into_iter().zip(ids) {
+            match id {
+                Some(id) => {
+                    let (seq, name) = self.take_seq(g, id);
+                    let rec = LogRecord { kind: p.record.kind, seq, time_ms: now, offset: p.record.offset, len: p.record.len, payload: p.record.payload };
+                    let value = rec.to_journal_value();
+                    added += value.len() as u64;
+                    g.wb.put_cf(journal, journal_key(id, seq), value);
+                    for (block, sum) in p.checksums {
+                        match sum {
+                            Some(s) => g.wb.put_cf(sums, checksum_key(id, block), s),
+                            None => g.wb.delete_cf(sums, checksum_key(id, block)),
+                        }
+                    }
+                    ack.seqs.insert(name, seq);
+                }
+                None => {
+                    // A bookmark: one point, one record in every disk's log of the machine.
+                    let point_id = match g.next_point {
+                        Some(n) => n,
+                        None => u64_value(g.db.get_cf(meta, NEXT_POINT_KEY)?).max(1),
+                    };
+                    g.next_point = Some(point_id + 1);
+                    g.wb.put_cf(meta, NEXT_POINT_KEY, (point_id + 1).to_be_bytes());
+                    let label = String::from_utf8_lossy(&p.record.payload).into_owned();
+                    let mut point = RecoveryPoint { id: point_id, machine: machine.into(), time_ms: now, kind: "app-consistent".into(), label, seqs: BTreeMap::new() };
+                    for id in self.machine_disks(g, machine) {
+                        let (seq, name) = self.take_seq(g, id);
+                        let rec = LogRecord { kind: RecordKind::Bookmark, seq, time_ms: now, offset: point_id, len: p.record.payload.len() as u32, payload: p.record.payload.clone() };
+                        let value = rec.to_journal_value();
+                        added += value.len() as u64;
+                        g.wb.put_cf(journal, journal_key(id, seq), value);
+                        point.seqs.insert(name.clone(), seq);
+                        ack.seqs.insert(name, seq);
+                    }
+                    g.wb.put_cf(meta, point_key(machine, point_id), serde_json::to_vec(&point).expect("json"));
+                    ack.point = Some(point_id);
+                }
+            }
+        }
+        g.cache_used += added;
+        g.wb.put_cf(meta, &bkey, serde_json::to_vec(&ack).expect("json"));
+        g.acks.insert(bkey, ack.clone());
+        Ok(ack)
+    }
+
+    fn register_disk(&self, g: &mut Group, machine: &str, disk: &str, size: u64, key_id: u32) -> Result<DiskMeta, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        if let Some(id) = self.find_disk(g, machine, disk) {
+            let d = self.disk_mut(g, id).expect("disk");
+            d.size = size;
+            return Ok(d.clone());
+        }
+        let used_max = g.disks.keys().max().copied().unwrap_or(0);
+        let id = (u64_value(g.db.get_cf(meta, NEXT_DISK_KEY)?) as u32).max(used_max + 1).max(1);
+        g.wb.put_cf(meta, NEXT_DISK_KEY, ((id + 1) as u64).to_be_bytes());
+        let d = DiskMeta { id, machine: machine.into(), disk: disk.into(), size, key_id, next_seq: 1, uploaded_through: 0, next_counter: 1 };
+        g.disks.insert(id, d.clone());
+        Ok(d)
+    }
+
+    fn plan(&self, g: &mut Group, disk_id: u32, first_seq: u64, last_seq: u64) -> Result<SegmentPlan, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        if let Some(p) = self.state.plans.read().expect("lock").get(&disk_id) {
+            return Ok(*p);
+        }
+        let d = self.disk_mut(g, disk_id).ok_or_else(|| JournalError::Corrupt(format!("plan for unknown disk {disk_id}")))?;
+        let plan = SegmentPlan { disk_id, counter: d.next_counter, first_seq, last_seq };
+        d.next_counter += 1;
+        g.wb.put_cf(meta, plan_key(disk_id), serde_json::to_vec(&plan).expect("json"));
+        Ok(plan)
+    }
+
+    fn uploaded(&self, g: &mut Group, plan: SegmentPlan, freed: u64) -> Result<(), JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let journal = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
+        g.wb.delete_range_cf(journal, journal_key(plan.disk_id, plan.first_seq), journal_key(plan.disk_id, plan.last_seq + 1));
+        g.wb.delete_cf(meta, plan_key(plan.disk_id));
+        let d = self.disk_mut(g, plan.disk_id).ok_or_else(|| JournalError::Corrupt(format!("upload for unknown disk {}", plan.disk_id)))?;
+        d.uploaded_through = d.uploaded_through.max(plan.last_seq);
+        g.cache_used = g.cache_used.saturating_sub(freed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn payload(b: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(b)
+    }
+
+    fn write(disk: &str, off: u64, data: &[u8]) -> PreparedRecord {
+        prepare(IngestRecord::write(disk, off, payload(data)), 1 << 20)
+    }
+
+    #[tokio::test]
+    async fn commit_is_durable_and_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path(), 1 << 30).unwrap();
+            j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
+            let ack = j.commit("m", 7, 1, vec![write("disk0", 0, &[1u8; 65536]), write("disk0", 65536, &[2u8; 100])]).await.unwrap();
+            assert_eq!(ack.seqs["disk0"], 2);
+            let again = j.commit("m", 7, 1, vec![write("disk0", 0, &[9u8; 65536])]).await.unwrap();
+            assert!(again.duplicate);
+            assert_eq!(again.seqs, ack.seqs);
+        }
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        let d = j.disk("m", "disk0").unwrap();
+        assert_eq!(d.next_seq, 3);
+        let recs = j.read_records(d.id, 1, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].payload.as_ref(), &[1u8; 65536][..]);
+        let sums = j.checksums(&d).unwrap();
+        assert_eq!(&sums[..16], &block_checksum(&[1u8; 65536]));
+        assert_eq!(&sums[16..32], &UNKNOWN_CHECKSUM, "a partial block is unknown");
+        assert!(j.cache_used() > 65536);
+    }
+
+    #[tokio::test]
+    async fn full_cache_refuses_and_upload_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 100_000).unwrap();
+        let d = j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
+        j.commit("m", 1, 1, vec![write("disk0", 0, &[1u8; 65536])]).await.unwrap();
+        let err = j.commit("m", 1, 2, vec![write("disk0", 65536, &[1u8; 65536])]).await.unwrap_err();
+        assert!(matches!(err, JournalError::CacheFull { .. }), "{err}");
+        let plan = j.plan_segment(d.id, 1, 1).await.unwrap();
+        let bytes = j.read_records(d.id, 1, 1, usize::MAX).unwrap()[0].to_journal_value().len() as u64;
+        j.segment_uploaded(plan, bytes).await.unwrap();
+        assert_eq!(j.cache_used(), 0);
+        j.commit("m", 1, 2, vec![write("disk0", 65536, &[1u8; 65536])]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unknown_disk_and_out_of_range_commit_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
+        let e = j.commit("m", 1, 1, vec![write("disk0", 0, b"ok"), write("nope", 0, b"x")]).await.unwrap_err();
+        assert!(matches!(e, JournalError::UnknownDisk { .. }));
+        let e = j.commit("m", 1, 2, vec![write("disk0", (1 << 20) - 1, b"xx")]).await.unwrap_err();
+        assert!(matches!(e, JournalError::OutOfRange { .. }));
+        assert_eq!(j.disk("m", "disk0").unwrap().next_seq, 1);
+    }
+
+    #[tokio::test]
+    async fn bookmark_marks_every_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
+        j.register_disk("m", "disk1", 1 << 20, 1).await.unwrap();
+        j.commit("m", 1, 1, vec![write("disk0", 0, b"a")]).await.unwrap();
+        let ack = j.commit("m", 1, 2, vec![prepare(IngestRecord::bookmark("nightly"), 0)]).await.unwrap();
+        let points = j.points("m").unwrap();
+        assert_eq!(points.len(), 1);
+        assert_eq!(points[0].seqs["disk0"], 2);
+        assert_eq!(points[0].seqs["disk1"], 1);
+        assert_eq!(ack.point, Some(points[0].id));
+        assert_eq!(points[0].label, "nightly");
+    }
+}

@@ -1,0 +1,384 @@
+//! The process server's ingest API (HTTPS, replication port). Agents register with the
+//! appliance passphrase and get a bearer token; with it they register disks, fetch the replica's
+//! block checksums, and stream batches, which are acked once durable in the journal.
+//!
+//! | method | path | body → answer |
+//! |---|---|---|
+//! | POST | `/v1/register` | `{machine, passphrase}` → `{token}`; 401 on a wrong passphrase |
+//! | PUT | `/v1/machines/M/disks/D` | `{size}` → disk record |
+//! | GET | `/v1/machines/M/disks/D/checksums` | → 16 bytes per 64 KiB block, zeros = zero block |
+//! | POST | `/v1/machines/M/batches` | batch body (see `protocol`), headers `x-lifeboat-session`, `x-lifeboat-batch` → ack |
+//! | POST | `/v1/machines/M/bookmarks` | `{label}` → ack with the point id |
+//!
+//! A full cache holds a batch for a few seconds waiting for space, then answers 503 with
+//! `Retry-After`; the agent resends the same batch id, and a batch is never committed twice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Mutex};
+
+use crate::blob;
+use crate::crypto::{Key, WrappedKey};
+use crate::journal::{self, Journal, JournalError};
+use crate::metrics::GatewayMetrics;
+use crate::protocol::{self, MAX_BATCH_BYTES};
+use crate::uploader::BlobStore;
+
+/// Shared state of the ingest API.
+pub struct IngestState {
+    pub journal: Journal,
+    pub blob: BlobStore,
+    pub kek: Key,
+    pub passphrase: String,
+    pub metrics: GatewayMetrics,
+    tokens: Mutex<HashMap<[u8; 32], String>>,
+    disk_setup: Mutex<()>,
+}
+
+impl IngestState {
+    pub fn new(journal: Journal, blob: BlobStore, kek: Key, passphrase: String, metrics: GatewayMetrics) -> Arc<Self> {
+        Arc::new(Self { journal, blob, kek, passphrase, metrics, tokens: Mutex::new(HashMap::new()), disk_setup: Mutex::new(()) })
+    }
+}
+
+/// An API error: a status and one clear sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), retry_after: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(ErrorBody { error: self.message })).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert("retry-after", HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+impl From<JournalError> for ApiError {
+    fn from(e: JournalError) -> Self {
+        let status = match &e {
+            JournalError::CacheFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            JournalError::UnknownDisk { .. } => StatusCode::NOT_FOUND,
+            JournalError::OutOfRange { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let retry_after = matches!(e, JournalError::CacheFull { .. }).then_some(1);
+        Self { status, message: e.to_string(), retry_after }
+    }
+}
+
+/// Whether `name` is a valid machine or disk name (it becomes part of object paths).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::BAD_REQUEST, format!("invalid {kind} name {name:?}: use 1-64 letters, digits, '-', '_' or '.'")))
+    }
+}
+
+pub fn router(state: Arc<IngestState>) -> Router {
+    Router::new()
+        .route("/v1/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/v1/register", post(register))
+        .route("/v1/machines/{machine}/disks/{disk}", put(register_disk))
+        .route("/v1/machines/{machine}/disks/{disk}/checksums", get(checksums))
+        .route("/v1/machines/{machine}/batches", post(batch))
+        .route("/v1/machines/{machine}/bookmarks", post(bookmark))
+        .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
+        .with_state(state)
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub machine: String,
+    pub passphrase: String,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub machine: String,
+    pub token: String,
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // Compare digests so the time does not depend on where the inputs differ, nor on length.
+    let (da, db) = (blake3::hash(a), blake3::hash(b));
+    da.as_bytes().iter().zip(db.as_bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn register(State(s): State<Arc<IngestState>>, Json(req): Json<RegisterRequest>) -> Result<Json<RegisterResponse>, ApiError> {
+    check_name("machine", &req.machine)?;
+    if !constant_time_eq(req.passphrase.as_bytes(), s.passphrase.as_bytes()) {
+        s.metrics.ingest_rejected.with_label_values(&["unauthorized"]).inc();
+        tracing::warn!(machine = %req.machine, "agent registration refused: wrong passphrase");
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "registration refused: wrong passphrase"));
+    }
+    let mut raw = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let token = hex::encode(raw);
+    let hash = *blake3::hash(token.as_bytes()).as_bytes();
+    s.journal.add_token(hash, &req.machine).await?;
+    s.tokens.lock().await.insert(hash, req.machine.clone());
+    tracing::info!(machine = %req.machine, agent_version = %req.agent_version, "agent registered");
+    Ok(Json(RegisterResponse { machine: req.machine, token }))
+}
+
+/// Checks the bearer token and that it belongs to `machine`.
+async fn authorize(s: &IngestState, headers: &HeaderMap, machine: &str) -> Result<(), ApiError> {
+    let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "missing or unknown agent token: register first");
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(unauthorized)?;
+    let hash = *blake3::hash(token.as_bytes()).as_bytes();
+    let cached = s.tokens.lock().await.get(&hash).cloned();
+    let owner = match cached {
+        Some(m) => m,
+        None => {
+            let j = s.journal.clone();
+            let found = tokio::task::spawn_blocking(move || j.token_machine(&hash)).await.expect("token lookup")?;
+            let m = found.ok_or_else(unauthorized)?;
+            s.tokens.lock().await.insert(hash, m.clone());
+            m
+        }
+    };
+    if owner != machine {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, format!("this token belongs to machine {owner:?}, not {machine:?}")));
+    }
+    Ok(())
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DiskRequest {
+    pub size: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DiskResponse {
+    pub machine: String,
+    pub disk: String,
+    pub size: u64,
+    pub block_size: u64,
+    pub next_seq: u64,
+}
+
+/// Blob-side description of a disk, for readers that start from blob storage alone.
+#[derive(Serialize, Deserialize)]
+pub struct DiskDescriptor {
+    pub format: String,
+    pub version: u32,
+    pub machine: String,
+    pub disk: String,
+    pub size: u64,
+}
+
+async fn register_disk(State(s): State<Arc<IngestState>>, Path((machine, disk)): Path<(String, String)>, headers: HeaderMap, Json(req): Json<DiskRequest>) -> Result<Json<DiskResponse>, ApiError> {
+    check_name("machine", &machine)?;
+    check_name("disk", &disk)?;
+    authorize(&s, &headers, &machine).await?;
+    if req.size == 0 {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "disk size must be positive"));
+    }
+    let _guard = s.disk_setup.lock().await;
+    let store = s.blob.store.as_ref();
+    let unavailable = |e: blob::BlobError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("blob storage unavailable: {e}"));
+    let existing = s.journal.disk(&machine, &disk);
+    if let Some(d) = existing.as_ref().filter(|d| d.size == req.size) {
+        return Ok(Json(DiskResponse { machine, disk, size: d.size, block_size: journal::BLOCK_SIZE, next_seq: d.next_seq }));
+    }
+    let key_id = match existing {
+        Some(d) => d.key_id,
+        None => {
+            // A new data key generation: never reuse a key whose nonce counters we don't hold.
+            let key_id = blob::max_key_id(store, &machine, &disk).await.map_err(unavailable)? + 1;
+            let wrapped = WrappedKey::wrap(&s.kek, &Key::random(), &machine, &disk, key_id);
+            blob::put_wrapped_key(store, &wrapped).await.map_err(unavailable)?;
+            key_id
+        }
+    };
+    let descriptor = DiskDescriptor { format: "lifeboat-disk".into(), version: 1, machine: machine.clone(), disk: disk.clone(), size: req.size };
+    let path = object_store::path::Path::from(format!("{}/disk.json", blob::layout::disk_prefix(&machine, &disk)));
+    s.blob
+        .put_durable(&path, Bytes::from(serde_json::to_vec_pretty(&descriptor).expect("json")))
+        .await
+        .map_err(|e| unavailable(e.into()))?;
+    let d = s.journal.register_disk(&machine, &disk, req.size, key_id).await?;
+    Ok(Json(DiskResponse { machine, disk, size: d.size, block_size: journal::BLOCK_SIZE, next_seq: d.next_seq }))
+}
+
+async fn checksums(State(s): State<Arc<IngestState>>, Path((machine, disk)): Path<(String, String)>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&s, &headers, &machine).await?;
+    let d = s
+        .journal
+        .disk(&machine, &disk)
+        .ok_or_else(|| ApiError::from(JournalError::UnknownDisk { machine: machine.clone(), disk: disk.clone() }))?;
+    let j = s.journal.clone();
+    let sums = tokio::task::spawn_blocking(move || j.checksums(&d)).await.expect("checksums task")?;
+    Ok(([("content-type", "application/octet-stream")], sums).into_response())
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Result<u64, ApiError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("missing or malformed {name} header (hex u64)")))
+}
+
+/// How long a batch waits for cache space before the server answers 503.
+const HOLD_WHEN_FULL: Duration = Duration::from_secs(5);
+
+async fn batch(State(s): State<Arc<IngestState>>, Path(machine): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Json<journal::Ack>, ApiError> {
+    let started = Instant::now();
+    authorize(&s, &headers, &machine).await?;
+    let session = header_u64(&headers, "x-lifeboat-session")?;
+    let batch_no = header_u64(&headers, "x-lifeboat-batch")?;
+    let j = s.journal.clone();
+    let m = machine.clone();
+    let prepared = tokio::task::spawn_blocking(move || -> Result<_, protocol::FrameError> {
+        let records = protocol::decode_batch(body)?;
+        Ok(records
+            .into_iter()
+            .map(|r| {
+                let size = j.disk(&m, &r.disk).map(|d| d.size).unwrap_or(0);
+                journal::prepare(r, size)
+            })
+            .collect::<Vec<_>>())
+    })
+    .await
+    .expect("decode task")
+    .map_err(|e| {
+        s.metrics.ingest_rejected.with_label_values(&["malformed"]).inc();
+        tracing::warn!(machine = %machine, error = %e, "malformed batch refused");
+        ApiError::new(StatusCode::BAD_REQUEST, format!("malformed batch: {e}"))
+    })?;
+    let per_disk: Vec<(String, u64)> = prepared.iter().map(|p| (p.record.disk.clone(), p.record.payload.len() as u64)).collect();
+    let mut prepared = Some(prepared);
+    let deadline = Instant::now() + HOLD_WHEN_FULL;
+    let ack = loop {
+        let freed = s.journal.state.freed.notified();
+        // The journal only takes the records on success or a final error; keep a copy for a retry.
+        let attempt = prepared.take().expect("records");
+        let keep = attempt.clone();
+        match s.journal.commit(&machine, session, batch_no, attempt).await {
+            Ok(ack) => break ack,
+            Err(JournalError::CacheFull { .. }) if Instant::now() < deadline => {
+                prepared = Some(keep);
+                let _ = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), freed).await;
+            }
+            Err(e) => {
+                let reason = if matches!(e, JournalError::CacheFull { .. }) { "cache_full" } else { "refused" };
+                s.metrics.ingest_rejected.with_label_values(&[reason]).inc();
+                return Err(e.into());
+            }
+        }
+    };
+    s.metrics.cache_used_bytes.set(s.journal.cache_used() as i64);
+    if !ack.duplicate {
+        s.metrics.ingest_batches.inc();
+        for (disk, n) in per_disk {
+            if !disk.is_empty() {
+                s.metrics.ingest_bytes.with_label_values(&[&machine, &disk]).inc_by(n);
+            }
+        }
+    }
+    s.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+    Ok(Json(ack))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct BookmarkRequest {
+    #[serde(default)]
+    pub label: String,
+}
+
+async fn bookmark(State(s): State<Arc<IngestState>>, Path(machine): Path<String>, headers: HeaderMap, Json(req): Json<BookmarkRequest>) -> Result<Json<journal::Ack>, ApiError> {
+    authorize(&s, &headers, &machine).await?;
+    if req.label.len() > 200 {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bookmark label longer than 200 bytes"));
+    }
+    if s.journal.disks().iter().all(|d| d.machine != machine) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("machine {machine:?} has no disks yet: sync before bookmarking")));
+    }
+    let record = protocol::IngestRecord::bookmark(&req.label);
+    let mut raw = [0u8; 8];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let ack = s.journal.commit(&machine, u64::from_be_bytes(raw), 0, vec![journal::prepare(record, 0)]).await?;
+    Ok(Json(ack))
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` turns true. Each connection runs in
+/// its own task; a failed handshake or a broken connection is logged and forgotten.
+pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router, mut shutdown: watch::Receiver<bool>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

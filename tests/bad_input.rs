@@ -1,0 +1,217 @@
+//! Bad input gets a clear error and the service stays up: wrong passphrase, untrusted
+//! certificate, unreachable server, malformed / truncated / oversized frames, unknown disks,
+//! foreign tokens, and a corrupted segment in blob storage.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use gateway::protocol::{encode_batch, IngestRecord};
+
+fn client(app: &Appliance) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&app.cert).unwrap()).unwrap();
+    reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false).add_root_certificate(ca).build().unwrap()
+}
+
+async fn token(c: &reqwest::Client, app: &Appliance, machine: &str) -> String {
+    let r = c
+        .post(format!("{}/v1/register", app.server_url()))
+        .json(&serde_json::json!({"machine": machine, "passphrase": PASSPHRASE}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_string()
+}
+
+async fn assert_alive(c: &reqwest::Client, app: &mut Appliance) {
+    assert!(app.is_running(), "the server died");
+    let r = c.get(format!("{}/v1/health", app.server_url())).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+async fn post_batch(c: &reqwest::Client, app: &Appliance, token: &str, machine: &str, body: Vec<u8>) -> (u16, String) {
+    let r = c
+        .post(format!("{}/v1/machines/{machine}/batches", app.server_url()))
+        .bearer_auth(token)
+        .header("x-lifeboat-session", "1")
+        .header("x-lifeboat-batch", format!("{:x}", rand::random::<u32>()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(&dir.path().join("appliance"), &BlobTarget::Local(dir.path().join("blob")), "");
+    let disk = dir.path().join("d.img");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not the passphrase").unwrap();
+    let out = std::process::Command::new(lifeboat_bin())
+        .args(["agent", "sync", "--server", &app.server_url(), "--ca"])
+        .arg(&app.cert)
+        .arg("--passphrase-file")
+        .arg(&wrong)
+        .args(["--machine", "m1", "--disk"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    // No --ca: the self-signed certificate is not trusted.
+    let out = std::process::Command::new(lifeboat_bin())
+        .args(["agent", "sync", "--server", &app.server_url(), "--passphrase-file"])
+        .arg(&app.passphrase_file)
+        .args(["--machine", "m1", "--disk"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not trusted"), "{err}");
+
+    // Nothing listens there.
+    let out = std::process::Command::new(lifeboat_bin())
+        .args(["agent", "sync", "--server", &format!("https://127.0.0.1:{}", free_port()), "--ca"])
+        .arg(&app.cert)
+        .arg("--passphrase-file")
+        .arg(&app.passphrase_file)
+        .args(["--machine", "m1", "--disk"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot reach"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = Appliance::start(&dir.path().join("appliance"), &BlobTarget::Local(dir.path().join("blob")), "");
+    let disk = dir.path().join("d.img");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    app.sync("m1", &[&disk]);
+    let c = client(&app);
+    let t = token(&c, &app, "m1").await;
+
+    // Wrong passphrase: 401 with a clear message.
+    let r = c
+        .post(format!("{}/v1/register", app.server_url()))
+        .json(&serde_json::json!({"machine": "m1", "passphrase": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("wrong passphrase"));
+
+    // No token, and another machine's token.
+    let (status, _) = post_batch(&c, &app, "bogus", "m1", encode_batch(&[]).to_vec()).await;
+    assert_eq!(status, 401);
+    let other = token(&c, &app, "m2").await;
+    let (status, body) = post_batch(&c, &app, &other, "m1", encode_batch(&[]).to_vec()).await;
+    assert_eq!(status, 403, "{body}");
+
+    let good = encode_batch(&[IngestRecord::write("disk0", 0, Bytes::from(vec![1u8; 8192]))]).to_vec();
+    // Truncated at several places.
+    for cut in [3, 11, 40, good.len() - 1] {
+        let (status, body) = post_batch(&c, &app, &t, "m1", good[..cut].to_vec()).await;
+        assert_eq!(status, 400, "cut {cut}: {body}");
+        assert!(body.contains("truncated") || body.contains("checksum"), "cut {cut}: {body}");
+    }
+    // Garbage.
+    let (status, body) = post_batch(&c, &app, &t, "m1", b"GET / HTTP/1.1 garbage garbage".to_vec()).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("bad magic"), "{body}");
+    // A flipped payload byte.
+    let mut bad = good.clone();
+    bad[100] ^= 1;
+    let (status, body) = post_batch(&c, &app, &t, "m1", bad).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("checksum"), "{body}");
+    // Oversized.
+    let (status, _) = post_batch(&c, &app, &t, "m1", vec![0u8; 65 << 20]).await;
+    assert_eq!(status, 413);
+    // Unknown disk and out-of-range write.
+    let body = encode_batch(&[IngestRecord::write("disk9", 0, Bytes::from(vec![1u8; 512]))]).to_vec();
+    let (status, text) = post_batch(&c, &app, &t, "m1", body).await;
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("unknown disk"), "{text}");
+    let body = encode_batch(&[IngestRecord::write("disk0", (1 << 20) - 100, Bytes::from(vec![1u8; 512]))]).to_vec();
+    let (status, text) = post_batch(&c, &app, &t, "m1", body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("beyond"), "{text}");
+    // Invalid names never reach blob paths.
+    let r = c
+        .put(format!("{}/v1/machines/m1/disks/..%2Fetc", app.server_url()))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"size": 4096}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    assert_alive(&c, &mut app).await;
+    // And it still replicates.
+    let again = app.sync("m1", &[&disk]);
+    assert_eq!(again.bytes_sent, 0, "nothing changed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_segment_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob_dir = dir.path().join("blob");
+    let blob = BlobTarget::Local(blob_dir.clone());
+    let app = Appliance::start(&dir.path().join("appliance"), &blob, "");
+    let disk = dir.path().join("d.img");
+    make_disk(&disk, 16 * MIB, 9).unwrap();
+    let s = app.sync("m1", &[&disk]);
+    let store = blob.store();
+    wait_uploaded(store.as_ref(), "m1", "disk0", s.disks[0].last_seq, Duration::from_secs(60)).await;
+    let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0").await.unwrap();
+    let victim = &segs[segs.len() / 2];
+    let path = blob_dir.join(victim.path.as_ref());
+    let mut data = std::fs::read(&path).unwrap();
+    let i = data.len() / 2;
+    data[i] ^= 0x20;
+    std::fs::write(&path, data).unwrap();
+
+    let kek = gateway::blob::open_keyring(store.as_ref(), PASSPHRASE).await.unwrap().unwrap();
+    let err = gateway::replay::replay_disk(store.as_ref(), &kek, "m1", "disk0", 16 * MIB, None, &dir.path().join("out.img"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(victim.path.as_ref()), "the error names the segment: {err}");
+
+    // The CLI says the same, and a wrong passphrase is its own clear error.
+    let out = std::process::Command::new(lifeboat_bin())
+        .args(["replay", "--blob-url", &format!("file://{}", blob_dir.display()), "--passphrase-file"])
+        .arg(&app.passphrase_file)
+        .args(["--machine", "m1", "--disk", "disk0", "--out"])
+        .arg(dir.path().join("cli.img"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(victim.path.as_ref()));
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "nope").unwrap();
+    let out = std::process::Command::new(lifeboat_bin())
+        .args(["replay", "--blob-url", &format!("file://{}", blob_dir.display()), "--passphrase-file"])
+        .arg(&wrong)
+        .args(["--machine", "m1", "--disk", "disk0", "--out"])
+        .arg(dir.path().join("cli.img"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+}
