@@ -12,7 +12,12 @@ use gateway::protocol::{encode_batch, IngestRecord};
 
 fn client(app: &Appliance) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&app.cert).unwrap()).unwrap();
-    reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false).add_root_certificate(ca).build().unwrap()
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .unwrap()
 }
 
 async fn token(c: &reqwest::Client, app: &Appliance, machine: &str) -> String {
@@ -23,7 +28,10 @@ async fn token(c: &reqwest::Client, app: &Appliance, machine: &str) -> String {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    r.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_string()
+    r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 async fn assert_alive(c: &reqwest::Client, app: &mut Appliance) {
@@ -48,7 +56,11 @@ async fn post_batch(c: &reqwest::Client, app: &Appliance, token: &str, machine: 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_errors_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
-    let app = Appliance::start(&dir.path().join("appliance"), &BlobTarget::Local(dir.path().join("blob")), "");
+    let app = Appliance::start(
+        &dir.path().join("appliance"),
+        &BlobTarget::Local(dir.path().join("blob")),
+        "",
+    );
     let disk = dir.path().join("d.img");
     std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
 
@@ -82,7 +94,13 @@ async fn agent_errors_are_one_clear_line() {
 
     // Nothing listens there.
     let out = std::process::Command::new(lifeboat_bin())
-        .args(["agent", "sync", "--server", &format!("https://127.0.0.1:{}", free_port()), "--ca"])
+        .args([
+            "agent",
+            "sync",
+            "--server",
+            &format!("https://127.0.0.1:{}", free_port()),
+            "--ca",
+        ])
         .arg(&app.cert)
         .arg("--passphrase-file")
         .arg(&app.passphrase_file)
@@ -98,7 +116,11 @@ async fn agent_errors_are_one_clear_line() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
     let dir = tempfile::tempdir().unwrap();
-    let mut app = Appliance::start(&dir.path().join("appliance"), &BlobTarget::Local(dir.path().join("blob")), "");
+    let mut app = Appliance::start(
+        &dir.path().join("appliance"),
+        &BlobTarget::Local(dir.path().join("blob")),
+        "",
+    );
     let disk = dir.path().join("d.img");
     std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
     app.sync("m1", &[&disk]);
@@ -127,7 +149,10 @@ async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
     for cut in [3, 11, 40, good.len() - 1] {
         let (status, body) = post_batch(&c, &app, &t, "m1", good[..cut].to_vec()).await;
         assert_eq!(status, 400, "cut {cut}: {body}");
-        assert!(body.contains("truncated") || body.contains("checksum"), "cut {cut}: {body}");
+        assert!(
+            body.contains("truncated") || body.contains("checksum"),
+            "cut {cut}: {body}"
+        );
     }
     // Garbage.
     let (status, body) = post_batch(&c, &app, &t, "m1", b"GET / HTTP/1.1 garbage garbage".to_vec()).await;
@@ -147,7 +172,12 @@ async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
     let (status, text) = post_batch(&c, &app, &t, "m1", body).await;
     assert_eq!(status, 404, "{text}");
     assert!(text.contains("unknown disk"), "{text}");
-    let body = encode_batch(&[IngestRecord::write("disk0", (1 << 20) - 100, Bytes::from(vec![1u8; 512]))]).to_vec();
+    let body = encode_batch(&[IngestRecord::write(
+        "disk0",
+        (1 << 20) - 100,
+        Bytes::from(vec![1u8; 512]),
+    )])
+    .to_vec();
     let (status, text) = post_batch(&c, &app, &t, "m1", body).await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("beyond"), "{text}");
@@ -177,8 +207,17 @@ async fn corrupt_segment_is_refused_by_name() {
     make_disk(&disk, 16 * MIB, 9).unwrap();
     let s = app.sync("m1", &[&disk]);
     let store = blob.store();
-    wait_uploaded(store.as_ref(), "m1", "disk0", s.disks[0].last_seq, Duration::from_secs(60)).await;
-    let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0").await.unwrap();
+    wait_uploaded(
+        store.as_ref(),
+        "m1",
+        "disk0",
+        s.disks[0].last_seq,
+        Duration::from_secs(60),
+    )
+    .await;
+    let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0")
+        .await
+        .unwrap();
     let victim = &segs[segs.len() / 2];
     let path = blob_dir.join(victim.path.as_ref());
     let mut data = std::fs::read(&path).unwrap();
@@ -186,16 +225,32 @@ async fn corrupt_segment_is_refused_by_name() {
     data[i] ^= 0x20;
     std::fs::write(&path, data).unwrap();
 
-    let kek = gateway::blob::open_keyring(store.as_ref(), PASSPHRASE).await.unwrap().unwrap();
-    let err = gateway::replay::replay_disk(store.as_ref(), &kek, "m1", "disk0", 16 * MIB, None, &dir.path().join("out.img"))
+    let kek = gateway::blob::open_keyring(store.as_ref(), PASSPHRASE)
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap()
+        .unwrap();
+    let err = gateway::replay::replay_disk(
+        store.as_ref(),
+        &kek,
+        "m1",
+        "disk0",
+        16 * MIB,
+        None,
+        &dir.path().join("out.img"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains(victim.path.as_ref()), "the error names the segment: {err}");
 
     // The CLI says the same, and a wrong passphrase is its own clear error.
     let out = std::process::Command::new(lifeboat_bin())
-        .args(["replay", "--blob-url", &format!("file://{}", blob_dir.display()), "--passphrase-file"])
+        .args([
+            "replay",
+            "--blob-url",
+            &format!("file://{}", blob_dir.display()),
+            "--passphrase-file",
+        ])
         .arg(&app.passphrase_file)
         .args(["--machine", "m1", "--disk", "disk0", "--out"])
         .arg(dir.path().join("cli.img"))
@@ -206,7 +261,12 @@ async fn corrupt_segment_is_refused_by_name() {
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "nope").unwrap();
     let out = std::process::Command::new(lifeboat_bin())
-        .args(["replay", "--blob-url", &format!("file://{}", blob_dir.display()), "--passphrase-file"])
+        .args([
+            "replay",
+            "--blob-url",
+            &format!("file://{}", blob_dir.display()),
+            "--passphrase-file",
+        ])
         .arg(&wrong)
         .args(["--machine", "m1", "--disk", "disk0", "--out"])
         .arg(dir.path().join("cli.img"))

@@ -15,6 +15,9 @@ use gateway::protocol::IngestRecord;
 
 const DISK_SIZE: u64 = 256 * MIB;
 
+/// Acked writes by sequence number: `(offset, data)`.
+type AckedWrites = BTreeMap<u64, (u64, Vec<u8>)>;
+
 /// Two syncs with scattered changes between them; both points replay byte-identical.
 async fn two_syncs_replay_exactly(blob: BlobTarget, dir: &std::path::Path) {
     let app = Appliance::start(&dir.join("appliance"), &blob, "");
@@ -22,22 +25,53 @@ async fn two_syncs_replay_exactly(blob: BlobTarget, dir: &std::path::Path) {
     make_disk(&disk, DISK_SIZE, 1).unwrap();
     let first = app.sync("web01", &[&disk]);
     let snapshot1 = std::fs::read(&disk).unwrap();
-    assert!(first.bytes_sent < DISK_SIZE, "zero blocks must not be sent ({} of {DISK_SIZE})", first.bytes_sent);
-    assert!(first.bytes_sent > DISK_SIZE / 3, "the first sync sends the data ({})", first.bytes_sent);
+    assert!(
+        first.bytes_sent < DISK_SIZE,
+        "zero blocks must not be sent ({} of {DISK_SIZE})",
+        first.bytes_sent
+    );
+    assert!(
+        first.bytes_sent > DISK_SIZE / 3,
+        "the first sync sends the data ({})",
+        first.bytes_sent
+    );
     let seq1 = first.disks[0].last_seq;
 
     scribble(&disk, 200, 2).unwrap();
     let second = app.sync("web01", &[&disk]);
     let seq2 = second.disks[0].last_seq;
     assert!(seq2 > seq1);
-    assert!(second.bytes_sent < DISK_SIZE / 8, "a delta sync sends only changed blocks ({})", second.bytes_sent);
-    assert!(second.disks[0].blocks_zeroed > 0, "zeroed regions travel as zero records");
+    assert!(
+        second.bytes_sent < DISK_SIZE / 8,
+        "a delta sync sends only changed blocks ({})",
+        second.bytes_sent
+    );
+    assert!(
+        second.disks[0].blocks_zeroed > 0,
+        "zeroed regions travel as zero records"
+    );
 
     let store = blob.store();
     wait_uploaded(store.as_ref(), "web01", "disk0", seq2, Duration::from_secs(120)).await;
-    let at1 = replay(store.as_ref(), "web01", "disk0", DISK_SIZE, Some(seq1), &dir.join("replay1.img")).await;
+    let at1 = replay(
+        store.as_ref(),
+        "web01",
+        "disk0",
+        DISK_SIZE,
+        Some(seq1),
+        &dir.join("replay1.img"),
+    )
+    .await;
     assert_same_image(&at1, &snapshot1, "replay at the first sync");
-    let at2 = replay(store.as_ref(), "web01", "disk0", DISK_SIZE, Some(seq2), &dir.join("replay2.img")).await;
+    let at2 = replay(
+        store.as_ref(),
+        "web01",
+        "disk0",
+        DISK_SIZE,
+        Some(seq2),
+        &dir.join("replay2.img"),
+    )
+    .await;
     assert_same_image(&at2, &std::fs::read(&disk).unwrap(), "replay at the second sync");
 
     // No key in clear anywhere in blob storage: every object is a segment, a wrapped key, the
@@ -91,7 +125,7 @@ async fn kill9_mid_sync_loses_no_acked_write() {
     .unwrap();
     let first = app.sync("db01", &[&disk]);
     assert!(first.disks[0].last_seq > 0);
-    let acked: Arc<Mutex<BTreeMap<u64, (u64, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<AckedWrites>> = Arc::default();
     let agent = Arc::new(agent);
     let mut tasks = Vec::new();
     for worker in 0..4u64 {
@@ -128,7 +162,15 @@ async fn kill9_mid_sync_loses_no_acked_write() {
     let store = blob.store();
     let last_acked = *acked.keys().max().unwrap();
     wait_uploaded(store.as_ref(), "db01", "disk0", last_acked, Duration::from_secs(120)).await;
-    let image = replay(store.as_ref(), "db01", "disk0", DISK_SIZE, Some(last_acked), &dir.path().join("after-crash.img")).await;
+    let image = replay(
+        store.as_ref(),
+        "db01",
+        "disk0",
+        DISK_SIZE,
+        Some(last_acked),
+        &dir.path().join("after-crash.img"),
+    )
+    .await;
     // Each acked write is there, unless a later acked write covered the same range.
     let mut newest: BTreeMap<u64, u64> = BTreeMap::new();
     for (seq, (off, _)) in &acked {
@@ -136,14 +178,32 @@ async fn kill9_mid_sync_loses_no_acked_write() {
     }
     for (seq, (off, data)) in &acked {
         if newest[off] == *seq {
-            assert!(&image[*off as usize..*off as usize + data.len()] == data.as_slice(), "acked write seq {seq} at {off} lost");
+            assert!(
+                &image[*off as usize..*off as usize + data.len()] == data.as_slice(),
+                "acked write seq {seq} at {off} lost"
+            );
         }
     }
 
     // Re-running the agent makes the replica equal to the source again.
     let again = app.sync("db01", &[&disk]);
-    wait_uploaded(store.as_ref(), "db01", "disk0", again.disks[0].last_seq, Duration::from_secs(120)).await;
-    let image = replay(store.as_ref(), "db01", "disk0", DISK_SIZE, None, &dir.path().join("final.img")).await;
+    wait_uploaded(
+        store.as_ref(),
+        "db01",
+        "disk0",
+        again.disks[0].last_seq,
+        Duration::from_secs(120),
+    )
+    .await;
+    let image = replay(
+        store.as_ref(),
+        "db01",
+        "disk0",
+        DISK_SIZE,
+        None,
+        &dir.path().join("final.img"),
+    )
+    .await;
     assert_same_image(&image, &std::fs::read(&disk).unwrap(), "replay after crash and resync");
 }
 
@@ -163,12 +223,22 @@ async fn blob_outage_holds_agent_back_then_catches_up() {
     f.set_len(DISK_SIZE).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 65536], 0).unwrap();
     let mut pre = app.agent("sync", "fs01");
-    let out = pre.arg("--disk").arg(format!("disk1={}", small.display())).output().unwrap();
+    let out = pre
+        .arg("--disk")
+        .arg(format!("disk1={}", small.display()))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     azurite.stop();
     let mut agent = app.agent("sync", "fs01");
-    let child = agent.arg("--disk").arg(format!("disk1={}", disk.display())).arg("--json").stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let child = agent
+        .arg("--disk")
+        .arg(format!("disk1={}", disk.display()))
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait until the cache is full and the agent is being held back.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -179,17 +249,39 @@ async fn blob_outage_holds_agent_back_then_catches_up() {
         if held > 0.0 && used > 32.0 * MIB as f64 && upload_errors > 0.0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "cache never filled (used {used}, held back {held})");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cache never filled (used {used}, held back {held})"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Several seconds of outage with the agent held back, then the store comes back.
     tokio::time::sleep(Duration::from_secs(3)).await;
     azurite.restart();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "agent failed during the outage: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "agent failed during the outage: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: gateway::agent::SyncSummary = serde_json::from_slice(&out.stdout).unwrap();
     let store = blob.store();
-    wait_uploaded(store.as_ref(), "fs01", "disk1", summary.disks[0].last_seq, Duration::from_secs(180)).await;
-    let image = replay(store.as_ref(), "fs01", "disk1", DISK_SIZE, None, &dir.path().join("after-outage.img")).await;
+    wait_uploaded(
+        store.as_ref(),
+        "fs01",
+        "disk1",
+        summary.disks[0].last_seq,
+        Duration::from_secs(180),
+    )
+    .await;
+    let image = replay(
+        store.as_ref(),
+        "fs01",
+        "disk1",
+        DISK_SIZE,
+        None,
+        &dir.path().join("after-outage.img"),
+    )
+    .await;
     assert_same_image(&image, &std::fs::read(&disk).unwrap(), "replay after the outage");
 }

@@ -102,25 +102,37 @@ impl Default for Listen {
 
 impl Default for Tls {
     fn default() -> Self {
-        Self { cert: "DATA_DIR/tls/cert.pem".into(), key: "DATA_DIR/tls/key.pem".into(), san: Vec::new() }
+        Self {
+            cert: "DATA_DIR/tls/cert.pem".into(),
+            key: "DATA_DIR/tls/key.pem".into(),
+            san: Vec::new(),
+        }
     }
 }
 
 impl Default for Security {
     fn default() -> Self {
-        Self { passphrase_file: "DATA_DIR/passphrase".into(), passphrase: None }
+        Self {
+            passphrase_file: "DATA_DIR/passphrase".into(),
+            passphrase: None,
+        }
     }
 }
 
 impl Default for Blob {
     fn default() -> Self {
-        Self { url: "file://DATA_DIR/blob".into(), options: BTreeMap::new() }
+        Self {
+            url: "file://DATA_DIR/blob".into(),
+            options: BTreeMap::new(),
+        }
     }
 }
 
 impl Default for Cache {
     fn default() -> Self {
-        Self { max_bytes: "8GiB".into() }
+        Self {
+            max_bytes: "8GiB".into(),
+        }
     }
 }
 
@@ -186,7 +198,8 @@ impl Config {
 
     /// Resolves `DATA_DIR`, creates the data dir and checks every value.
     pub fn resolve(self) -> anyhow::Result<Resolved> {
-        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("creating data dir {}", self.data_dir.display()))?;
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating data dir {}", self.data_dir.display()))?;
         let data_dir = std::fs::canonicalize(&self.data_dir)?;
         let dd = data_dir.to_string_lossy().into_owned();
         let sub = |s: &str| s.replace("DATA_DIR", &dd);
@@ -195,7 +208,12 @@ impl Config {
                 bail!("unknown role {r:?} (roles are config, process, master-target)");
             }
         }
-        for v in [&self.policy.crash_consistent_interval, &self.policy.app_consistent_interval, &self.policy.retention, &self.policy.rpo_threshold] {
+        for v in [
+            &self.policy.crash_consistent_interval,
+            &self.policy.app_consistent_interval,
+            &self.policy.retention,
+            &self.policy.rpo_threshold,
+        ] {
             parse_duration(v)?;
         }
         if parse_duration(&self.policy.retention)? > Duration::from_secs(72 * 3600) {

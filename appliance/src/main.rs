@@ -18,7 +18,11 @@ use gateway::agent::{Agent, AgentConfig, DiskSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "lifeboat", version, about = "Disaster-recovery storage gateway: replicate disks to blob storage, recover any point in time")]
+#[command(
+    name = "lifeboat",
+    version,
+    about = "Disaster-recovery storage gateway: replicate disks to blob storage, recover any point in time"
+)]
 struct Cli {
     /// Log filter (e.g. info, debug, gateway=trace); also RUST_LOG.
     #[arg(long, global = true, env = "LIFEBOAT_LOG", default_value = "info")]
@@ -123,7 +127,9 @@ struct ReplayArgs {
 
 fn init_logging(filter: &str, json: bool) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let builder = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -140,8 +146,14 @@ fn parse_disks(specs: &[String]) -> anyhow::Result<Vec<DiskSpec>> {
                 Some((n, p)) => (n.to_string(), p),
                 None => (format!("disk{i}"), s.as_str()),
             };
-            anyhow::ensure!(gateway::server::valid_name(&name), "invalid disk name {name:?}: use letters, digits, '-', '_' or '.'");
-            Ok(DiskSpec { name, path: PathBuf::from(path) })
+            anyhow::ensure!(
+                gateway::server::valid_name(&name),
+                "invalid disk name {name:?}: use letters, digits, '-', '_' or '.'"
+            );
+            Ok(DiskSpec {
+                name,
+                path: PathBuf::from(path),
+            })
         })
         .collect()
 }
@@ -155,7 +167,13 @@ async fn connect(conn: &Connection) -> anyhow::Result<Agent> {
         Some(p) => Some(std::fs::read(p).with_context(|| format!("reading CA certificate {}", p.display()))?),
         None => None,
     };
-    let cfg = AgentConfig { server: conn.server.clone(), ca_pem, passphrase, machine: conn.machine.clone(), retry_for: conn.retry_for };
+    let cfg = AgentConfig {
+        server: conn.server.clone(),
+        ca_pem,
+        passphrase,
+        machine: conn.machine.clone(),
+        retry_for: conn.retry_for,
+    };
     Ok(Agent::connect(cfg).await?)
 }
 
@@ -165,9 +183,17 @@ async fn agent_sync(conn: Connection, disks: Vec<String>, watch: Option<u64>, js
     loop {
         let total: u64 = disks
             .iter()
-            .map(|d| std::fs::File::open(&d.path).and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))).unwrap_or(0))
+            .map(|d| {
+                std::fs::File::open(&d.path)
+                    .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                    .unwrap_or(0)
+            })
             .sum();
-        let bar = if json { ProgressBar::hidden() } else { ProgressBar::new(total) };
+        let bar = if json {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(total)
+        };
         bar.set_style(
             ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
                 .expect("template")
@@ -209,18 +235,38 @@ async fn agent_sync(conn: Connection, disks: Vec<String>, watch: Option<u64>, js
 async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     let mut opts = std::collections::BTreeMap::new();
     for o in &a.blob_options {
-        let (k, v) = o.split_once('=').with_context(|| format!("--blob-option {o:?}: expected KEY=VALUE"))?;
+        let (k, v) = o
+            .split_once('=')
+            .with_context(|| format!("--blob-option {o:?}: expected KEY=VALUE"))?;
         opts.insert(k.to_string(), v.to_string());
     }
     let store = gateway::blob::open_store(&a.blob_url, &opts)?;
-    let passphrase = std::fs::read_to_string(&a.passphrase_file).with_context(|| format!("reading {}", a.passphrase_file.display()))?;
+    let passphrase = std::fs::read_to_string(&a.passphrase_file)
+        .with_context(|| format!("reading {}", a.passphrase_file.display()))?;
     let kek = gateway::blob::open_keyring(store.as_ref(), passphrase.trim())
         .await?
         .with_context(|| format!("{} holds no Lifeboat keyring", a.blob_url))?;
-    let path = object_store::path::Path::from(format!("{}/disk.json", gateway::blob::layout::disk_prefix(&a.machine, &a.disk)));
-    let desc = store.get(&path).await.with_context(|| format!("disk {}/{} is not in blob storage", a.machine, a.disk))?.bytes().await?;
+    let path = object_store::path::Path::from(format!(
+        "{}/disk.json",
+        gateway::blob::layout::disk_prefix(&a.machine, &a.disk)
+    ));
+    let desc = store
+        .get(&path)
+        .await
+        .with_context(|| format!("disk {}/{} is not in blob storage", a.machine, a.disk))?
+        .bytes()
+        .await?;
     let desc: gateway::server::DiskDescriptor = serde_json::from_slice(&desc).context("disk descriptor")?;
-    let outcome = gateway::replay::replay_disk(store.as_ref(), &kek, &a.machine, &a.disk, desc.size, a.until_seq, &a.out).await?;
+    let outcome = gateway::replay::replay_disk(
+        store.as_ref(),
+        &kek,
+        &a.machine,
+        &a.disk,
+        desc.size,
+        a.until_seq,
+        &a.out,
+    )
+    .await?;
     if a.json {
         println!(
             "{}",
@@ -243,21 +289,33 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve { config, json } => {
                 let cfg = config::Config::load(config.as_deref())?.resolve()?;
                 serve::run(cfg, json).await
             }
-            Command::Agent(AgentCommand::Sync { conn, disks, watch, json }) => agent_sync(conn, disks, watch, json).await,
+            Command::Agent(AgentCommand::Sync {
+                conn,
+                disks,
+                watch,
+                json,
+            }) => agent_sync(conn, disks, watch, json).await,
             Command::Agent(AgentCommand::Bookmark { conn, label, json }) => {
                 let agent = connect(&conn).await?;
                 let ack = agent.bookmark(&label).await?;
                 if json {
                     println!("{}", serde_json::to_string(&ack)?);
                 } else {
-                    println!("bookmark {:?} recorded as recovery point {}", label, ack.point.unwrap_or(0));
+                    println!(
+                        "bookmark {:?} recorded as recovery point {}",
+                        label,
+                        ack.point.unwrap_or(0)
+                    );
                 }
                 Ok(())
             }

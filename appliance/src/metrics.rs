@@ -26,7 +26,11 @@ pub struct HostMetrics {
 
 impl HostMetrics {
     pub fn new(registry: &Registry, data_dir: PathBuf) -> Arc<Self> {
-        let build = IntGaugeVec::new(Opts::new("lifeboat_build_info", "Build information; always 1."), &["version"]).expect("metric");
+        let build = IntGaugeVec::new(
+            Opts::new("lifeboat_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("metric");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build)).expect("register");
         let g = |name: &str, help: &str| {
@@ -34,18 +38,38 @@ impl HostMetrics {
             registry.register(Box::new(m.clone())).expect("register");
             m
         };
-        let cpu = Gauge::new("lifeboat_host_cpu_usage_ratio", "Host CPU usage, 0 to 1, since the previous scrape.").expect("metric");
+        let cpu = Gauge::new(
+            "lifeboat_host_cpu_usage_ratio",
+            "Host CPU usage, 0 to 1, since the previous scrape.",
+        )
+        .expect("metric");
         registry.register(Box::new(cpu.clone())).expect("register");
         let m = Self {
-            system: Mutex::new((sysinfo::System::new(), sysinfo::Disks::new_with_refreshed_list(), sysinfo::Networks::new_with_refreshed_list())),
+            system: Mutex::new((
+                sysinfo::System::new(),
+                sysinfo::Disks::new_with_refreshed_list(),
+                sysinfo::Networks::new_with_refreshed_list(),
+            )),
             data_dir,
             cpu,
             mem_total: g("lifeboat_host_memory_total_bytes", "Host memory."),
             mem_used: g("lifeboat_host_memory_used_bytes", "Host memory in use."),
-            disk_free: g("lifeboat_host_data_disk_free_bytes", "Free space on the filesystem holding the data dir."),
-            disk_total: g("lifeboat_host_data_disk_size_bytes", "Size of the filesystem holding the data dir."),
-            net_rx: g("lifeboat_host_network_received_bytes", "Bytes received on all interfaces since boot."),
-            net_tx: g("lifeboat_host_network_transmitted_bytes", "Bytes transmitted on all interfaces since boot."),
+            disk_free: g(
+                "lifeboat_host_data_disk_free_bytes",
+                "Free space on the filesystem holding the data dir.",
+            ),
+            disk_total: g(
+                "lifeboat_host_data_disk_size_bytes",
+                "Size of the filesystem holding the data dir.",
+            ),
+            net_rx: g(
+                "lifeboat_host_network_received_bytes",
+                "Bytes received on all interfaces since boot.",
+            ),
+            net_tx: g(
+                "lifeboat_host_network_transmitted_bytes",
+                "Bytes transmitted on all interfaces since boot.",
+            ),
             uptime: g("lifeboat_host_uptime_seconds", "Host uptime."),
         };
         Arc::new(m)
@@ -62,18 +86,30 @@ impl HostMetrics {
         self.mem_total.set(sys.total_memory() as i64);
         self.mem_used.set(sys.used_memory() as i64);
         // The disk whose mount point is the longest prefix of the data dir.
-        if let Some(d) = disks.list().iter().filter(|d| self.data_dir.starts_with(d.mount_point())).max_by_key(|d| d.mount_point().as_os_str().len()) {
+        if let Some(d) = disks
+            .list()
+            .iter()
+            .filter(|d| self.data_dir.starts_with(d.mount_point()))
+            .max_by_key(|d| d.mount_point().as_os_str().len())
+        {
             self.disk_free.set(d.available_space() as i64);
             self.disk_total.set(d.total_space() as i64);
         }
-        self.net_rx.set(nets.iter().map(|(_, n)| n.total_received()).sum::<u64>() as i64);
-        self.net_tx.set(nets.iter().map(|(_, n)| n.total_transmitted()).sum::<u64>() as i64);
+        self.net_rx
+            .set(nets.values().map(|n| n.total_received()).sum::<u64>() as i64);
+        self.net_tx
+            .set(nets.values().map(|n| n.total_transmitted()).sum::<u64>() as i64);
         self.uptime.set(sysinfo::System::uptime() as i64);
     }
 }
 
 /// Serves `/metrics` until shutdown.
-pub async fn serve(listener: TcpListener, registry: Registry, host: Arc<HostMetrics>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    host: Arc<HostMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let app = Router::new().route(
         "/metrics",
         get(move || {
@@ -83,7 +119,9 @@ pub async fn serve(listener: TcpListener, registry: Registry, host: Arc<HostMetr
                 let text = tokio::task::spawn_blocking(move || {
                     host.refresh();
                     let mut buf = Vec::new();
-                    TextEncoder::new().encode(&registry.gather(), &mut buf).expect("encode metrics");
+                    TextEncoder::new()
+                        .encode(&registry.gather(), &mut buf)
+                        .expect("encode metrics");
                     buf
                 })
                 .await

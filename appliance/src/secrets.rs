@@ -55,7 +55,9 @@ pub fn load_or_create_tls(cert: &Path, key: &Path, extra_names: &[String]) -> an
     let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing {}", cert.display()))?;
-    let first = certs.first().with_context(|| format!("{} holds no certificate", cert.display()))?;
+    let first = certs
+        .first()
+        .with_context(|| format!("{} holds no certificate", cert.display()))?;
     let fingerprint = fingerprint(first.as_ref());
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .with_context(|| format!("parsing {}", key.display()))?
@@ -66,12 +68,20 @@ pub fn load_or_create_tls(cert: &Path, key: &Path, extra_names: &[String]) -> an
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("certificate and key do not match")?;
-    Ok(TlsMaterial { server_config: Arc::new(config), fingerprint, generated })
+    Ok(TlsMaterial {
+        server_config: Arc::new(config),
+        fingerprint,
+        generated,
+    })
 }
 
 /// SHA-256 fingerprint of a DER certificate, as `AB:CD:…`.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Reads the passphrase file, or creates it with a random passphrase. Returns it and whether it
@@ -87,7 +97,11 @@ pub fn load_or_create_passphrase(path: &Path) -> anyhow::Result<(String, bool)> 
     const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
     let mut rng = rand::thread_rng();
     let groups: Vec<String> = (0..5)
-        .map(|_| (0..5).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect())
+        .map(|_| {
+            (0..5)
+                .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+                .collect()
+        })
         .collect();
     let p = groups.join("-");
     write_private(path, format!("{p}\n").as_bytes())?;

@@ -14,7 +14,9 @@ use crate::config::Resolved;
 use crate::{metrics, secrets};
 
 async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for {what}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
 fn management_router() -> Router {
@@ -51,13 +53,23 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         let listener = bind("replication", cfg.raw.listen.replication).await?;
         ready.insert("replication".into(), metrics::addr_of(&listener).to_string().into());
         let router = gateway::server::router(ps.ingest.clone());
-        tasks.push(tokio::spawn(gateway::server::serve_tls(listener, tls.server_config.clone(), router, shutdown.clone())));
+        tasks.push(tokio::spawn(gateway::server::serve_tls(
+            listener,
+            tls.server_config.clone(),
+            router,
+            shutdown.clone(),
+        )));
         process = Some(ps);
     }
     if roles.iter().any(|r| r == "config") {
         let listener = bind("management", cfg.raw.listen.management).await?;
         ready.insert("management".into(), metrics::addr_of(&listener).to_string().into());
-        tasks.push(tokio::spawn(gateway::server::serve_tls(listener, tls.server_config.clone(), management_router(), shutdown.clone())));
+        tasks.push(tokio::spawn(gateway::server::serve_tls(
+            listener,
+            tls.server_config.clone(),
+            management_router(),
+            shutdown.clone(),
+        )));
     }
     let listener = bind("metrics", cfg.raw.listen.metrics).await?;
     ready.insert("metrics".into(), metrics::addr_of(&listener).to_string().into());
@@ -70,9 +82,16 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::Value::Object(ready.clone()));
     } else {
-        println!("Lifeboat {} is running (data in {})", env!("CARGO_PKG_VERSION"), cfg.data_dir.display());
+        println!(
+            "Lifeboat {} is running (data in {})",
+            env!("CARGO_PKG_VERSION"),
+            cfg.data_dir.display()
+        );
         for (k, v) in &ready {
-            if let (Some(addr), true) = (v.as_str(), ["management", "replication", "metrics"].contains(&k.as_str())) {
+            if let (Some(addr), true) = (
+                v.as_str(),
+                ["management", "replication", "metrics"].contains(&k.as_str()),
+            ) {
                 let scheme = if k == "metrics" { "http" } else { "https" };
                 let tail = if k == "metrics" { "/metrics" } else { "" };
                 println!("  {k:<12} {scheme}://{addr}{tail}");
@@ -81,11 +100,18 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         println!(
             "  certificate  {}{}\n  SHA-256      {}",
             cfg.cert.display(),
-            if tls.generated { " (generated now, self-signed)" } else { "" },
+            if tls.generated {
+                " (generated now, self-signed)"
+            } else {
+                ""
+            },
             tls.fingerprint
         );
         if new_passphrase {
-            println!("  Registration passphrase (shown once; kept in {}):\n    {passphrase}", cfg.passphrase_file.display());
+            println!(
+                "  Registration passphrase (shown once; kept in {}):\n    {passphrase}",
+                cfg.passphrase_file.display()
+            );
         } else if cfg.raw.security.passphrase.is_none() {
             println!("  registration passphrase in {}", cfg.passphrase_file.display());
         }

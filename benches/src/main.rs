@@ -82,12 +82,23 @@ fn lifeboat_run(bin: &Path, corpus: &Path, dir: &Path) -> anyhow::Result<(Durati
     let mut line = String::new();
     BufReader::new(server.stdout.take().context("stdout")?).read_line(&mut line)?;
     let ready: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("ready line {line:?}"))?;
-    let addr = ready["replication"].as_str().context("replication address")?.to_string();
+    let addr = ready["replication"]
+        .as_str()
+        .context("replication address")?
+        .to_string();
     let cert = ready["cert"].as_str().context("cert")?.to_string();
 
     let started = Instant::now();
     let out = Command::new(bin)
-        .args(["agent", "sync", "--server", &format!("https://{addr}"), "--ca", &cert, "--passphrase-file"])
+        .args([
+            "agent",
+            "sync",
+            "--server",
+            &format!("https://{addr}"),
+            "--ca",
+            &cert,
+            "--passphrase-file",
+        ])
         .arg(&pass)
         .args(["--machine", "bench", "--json", "--disk"])
         .arg(corpus)
@@ -152,7 +163,12 @@ fn restic_run(corpus: &Path, dir: &Path) -> anyhow::Result<Duration> {
 /// `zstd -1 -T1` of the corpus: (seconds, compressed bytes).
 fn zstd_run(corpus: &Path) -> anyhow::Result<(Duration, Vec<u8>)> {
     let started = Instant::now();
-    let mut child = Command::new("zstd").args(["-1", "-T1", "-c", "-q"]).arg(corpus).stdout(Stdio::piped()).spawn().context("zstd")?;
+    let mut child = Command::new("zstd")
+        .args(["-1", "-T1", "-c", "-q"])
+        .arg(corpus)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("zstd")?;
     let mut out = Vec::new();
     child.stdout.take().context("stdout")?.read_to_end(&mut out)?;
     if !child.wait()?.success() {
@@ -168,7 +184,9 @@ fn aes_run(data: &mut [u8]) -> Duration {
     for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&(i as u64).to_be_bytes());
-        let tag = cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", chunk).expect("seal");
+        let tag = cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", chunk)
+            .expect("seal");
         std::hint::black_box(tag);
     }
     started.elapsed()
@@ -180,7 +198,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.workdir)?;
     let size = args.size_mib << 20;
     let corpus = args.workdir.join(format!("corpus-{}MiB.img", args.size_mib));
-    if std::fs::metadata(&corpus).map(|m| m.len()) .ok() != Some(size) {
+    if std::fs::metadata(&corpus).map(|m| m.len()).ok() != Some(size) {
         eprintln!("generating {} MiB corpus at {}", args.size_mib, corpus.display());
         gateway::testkit::make_disk(&corpus, size, 42)?;
     }
@@ -209,14 +227,23 @@ fn main() -> anyhow::Result<()> {
     }
     let (e2e, ack, restic, limit1) = (median(e2e), median(ack), median(restic), median(limit1));
     let limit = limit1 * cores as f64;
-    println!("corpus: {} MiB mixed, zstd -1 ratio {:.2}; {} cores; medians of {} runs", args.size_mib, ratio, cores, args.runs);
+    println!(
+        "corpus: {} MiB mixed, zstd -1 ratio {:.2}; {} cores; medians of {} runs",
+        args.size_mib, ratio, cores, args.runs
+    );
     println!("  lifeboat end to end (agent → durable segments)  {e2e:>7.0} MB/s");
     println!("  lifeboat durable ack                            {ack:>7.0} MB/s");
     println!("  restic backup (peer)                            {restic:>7.0} MB/s");
     println!("  zstd -1 -T1 + AES-256-GCM, per core             {limit1:>7.0} MB/s");
     println!("  ... on {cores} cores (the pipeline's limit)           {limit:>7.0} MB/s");
-    println!("  ratio end to end / restic                        {:>7.2}x  (target ≥ 2)", e2e / restic);
-    println!("  ratio end to end / zstd+AES limit                {:>7.0}%  (target ≥ 60%)", 100.0 * e2e / limit);
+    println!(
+        "  ratio end to end / restic                        {:>7.2}x  (target ≥ 2)",
+        e2e / restic
+    );
+    println!(
+        "  ratio end to end / zstd+AES limit                {:>7.0}%  (target ≥ 60%)",
+        100.0 * e2e / limit
+    );
     if args.json {
         println!(
             "{}",

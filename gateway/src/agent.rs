@@ -115,13 +115,18 @@ fn describe(e: &reqwest::Error, url: &str) -> AgentError {
         deepest = text;
         source = s.source();
     }
-    AgentError::Unreachable { url: url.to_owned(), reason: deepest }
+    AgentError::Unreachable {
+        url: url.to_owned(),
+        reason: deepest,
+    }
 }
 
 async fn refused(resp: reqwest::Response) -> AgentError {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error).unwrap_or(text);
+    let message = serde_json::from_str::<ErrorBody>(&text)
+        .map(|b| b.error)
+        .unwrap_or(text);
     AgentError::Refused { status, message }
 }
 
@@ -141,8 +146,17 @@ impl Agent {
         }
         let http = builder.build().map_err(|e| AgentError::BadCa(e.to_string()))?;
         let url = format!("{}/v1/register", cfg.server.trim_end_matches('/'));
-        let req = RegisterRequest { machine: cfg.machine.clone(), passphrase: cfg.passphrase.clone(), agent_version: env!("CARGO_PKG_VERSION").into() };
-        let resp = http.post(&url).json(&req).send().await.map_err(|e| describe(&e, &cfg.server))?;
+        let req = RegisterRequest {
+            machine: cfg.machine.clone(),
+            passphrase: cfg.passphrase.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let resp = http
+            .post(&url)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| describe(&e, &cfg.server))?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(AgentError::WrongPassphrase);
         }
@@ -152,11 +166,21 @@ impl Agent {
         let reg: RegisterResponse = resp.json().await.map_err(|e| describe(&e, &cfg.server))?;
         let mut raw = [0u8; 8];
         rand::thread_rng().fill_bytes(&mut raw);
-        Ok(Self { cfg, http, token: reg.token, session: u64::from_be_bytes(raw), next_batch: 1.into() })
+        Ok(Self {
+            cfg,
+            http,
+            token: reg.token,
+            session: u64::from_be_bytes(raw),
+            next_batch: 1.into(),
+        })
     }
 
     fn url(&self, tail: &str) -> String {
-        format!("{}/v1/machines/{}/{tail}", self.cfg.server.trim_end_matches('/'), self.cfg.machine)
+        format!(
+            "{}/v1/machines/{}/{tail}",
+            self.cfg.server.trim_end_matches('/'),
+            self.cfg.machine
+        )
     }
 
     /// Sends a request built by `make`, retrying transient failures (transport errors, 5xx,
@@ -169,7 +193,12 @@ impl Agent {
                 Ok(r) if r.status().is_success() => return Ok(r),
                 Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
                     // Backpressure: the cache is full. Wait as told and never give up on it.
-                    let secs = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(1u64);
+                    let secs = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(1u64);
                     let e = refused(r).await;
                     tracing::debug!(error = %e, "held back by the process server");
                     tokio::time::sleep(Duration::from_secs(secs.clamp(1, 30))).await;
@@ -212,7 +241,9 @@ impl Agent {
     /// Appends an app-consistent bookmark to the machine's stream; returns the ack with the point id.
     pub async fn bookmark(&self, label: &str) -> Result<Ack, AgentError> {
         let url = self.url("bookmarks");
-        let req = BookmarkRequest { label: label.to_owned() };
+        let req = BookmarkRequest {
+            label: label.to_owned(),
+        };
         let resp = self.send_retrying(|| self.http.post(&url).json(&req)).await?;
         resp.json().await.map_err(|e| describe(&e, &self.cfg.server))
     }
@@ -231,9 +262,16 @@ impl Agent {
     }
 
     /// Replicates `disks`; `progress` is told how many bytes were scanned.
-    pub async fn sync(&self, disks: &[DiskSpec], progress: Arc<dyn Fn(u64) + Send + Sync>) -> Result<SyncSummary, AgentError> {
+    pub async fn sync(
+        &self,
+        disks: &[DiskSpec],
+        progress: Arc<dyn Fn(u64) + Send + Sync>,
+    ) -> Result<SyncSummary, AgentError> {
         let started = Instant::now();
-        let mut summary = SyncSummary { machine: self.cfg.machine.clone(), ..Default::default() };
+        let mut summary = SyncSummary {
+            machine: self.cfg.machine.clone(),
+            ..Default::default()
+        };
         for spec in disks {
             let d = self.sync_disk(spec, progress.clone()).await?;
             summary.bytes_scanned += d.bytes_scanned;
@@ -244,26 +282,46 @@ impl Agent {
         Ok(summary)
     }
 
-    async fn sync_disk(&self, spec: &DiskSpec, progress: Arc<dyn Fn(u64) + Send + Sync>) -> Result<DiskSummary, AgentError> {
-        let disk_err = |source| AgentError::Disk { name: spec.name.clone(), path: spec.path.display().to_string(), source };
+    async fn sync_disk(
+        &self,
+        spec: &DiskSpec,
+        progress: Arc<dyn Fn(u64) + Send + Sync>,
+    ) -> Result<DiskSummary, AgentError> {
+        let disk_err = |source| AgentError::Disk {
+            name: spec.name.clone(),
+            path: spec.path.display().to_string(),
+            source,
+        };
         let mut file = File::open(&spec.path).map_err(disk_err)?;
         let size = file.seek(SeekFrom::End(0)).map_err(disk_err)?;
         file.seek(SeekFrom::Start(0)).map_err(disk_err)?;
         if size == 0 {
-            return Err(disk_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "disk is empty")));
+            return Err(disk_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "disk is empty",
+            )));
         }
         self.register_disk(&spec.name, size).await?;
         let replica = self.replica_checksums(&spec.name).await?;
         let expected = size.div_ceil(BLOCK_SIZE) as usize * 16;
         if replica.len() != expected {
-            return Err(AgentError::Refused { status: 200, message: format!("checksum map of {} bytes, expected {expected}", replica.len()) });
+            return Err(AgentError::Refused {
+                status: 200,
+                message: format!("checksum map of {} bytes, expected {expected}", replica.len()),
+            });
         }
         // A blocking thread reads and diffs the disk; batches flow back over a bounded channel.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<IngestRecord>, u64, u64, u64)>(IN_FLIGHT);
         let name = spec.name.clone();
         let path = spec.path.display().to_string();
-        let scanner = tokio::task::spawn_blocking(move || scan_disk(file, size, &name, &replica, tx, progress).map_err(|e| (path, e)));
-        let mut summary = DiskSummary { disk: spec.name.clone(), size, ..Default::default() };
+        let scanner = tokio::task::spawn_blocking(move || {
+            scan_disk(file, size, &name, &replica, tx, progress).map_err(|e| (path, e))
+        });
+        let mut summary = DiskSummary {
+            disk: spec.name.clone(),
+            size,
+            ..Default::default()
+        };
         let mut in_flight = FuturesUnordered::new();
         let mut channel_open = true;
         loop {
@@ -286,7 +344,14 @@ impl Agent {
                 else => break,
             }
         }
-        let scanned = scanner.await.expect("scan task").map_err(|(path, source)| AgentError::Disk { name: spec.name.clone(), path, source })?;
+        let scanned = scanner
+            .await
+            .expect("scan task")
+            .map_err(|(path, source)| AgentError::Disk {
+                name: spec.name.clone(),
+                path,
+                source,
+            })?;
         summary.bytes_scanned = scanned;
         Ok(summary)
     }
@@ -329,16 +394,25 @@ fn scan_disk(
             let theirs = &replica[index * 16..index * 16 + 16];
             let replica_zero = theirs.iter().all(|b| *b == 0);
             let is_zero = block.iter().all(|b| *b == 0);
-            let differs = if is_zero { !replica_zero } else { block_checksum(block) != theirs };
+            let differs = if is_zero {
+                !replica_zero
+            } else {
+                block_checksum(block) != theirs
+            };
             // Close runs that this block does not continue.
-            let continues_write = differs && !is_zero && write_run.as_ref().is_some_and(|(s, d)| s + d.len() as u64 == off && (d.len() as u64) < EXTENT_BYTES);
+            let continues_write = differs
+                && !is_zero
+                && write_run
+                    .as_ref()
+                    .is_some_and(|(s, d)| s + d.len() as u64 == off && (d.len() as u64) < EXTENT_BYTES);
             if !continues_write {
                 if let Some((s, d)) = write_run.take() {
                     batch_bytes += d.len();
                     batch.push(IngestRecord::write(disk, s, Bytes::from(d)));
                 }
             }
-            let continues_zero = differs && is_zero && zero_run.is_some_and(|(s, l)| s + l == off && l < (u32::MAX as u64 / 2));
+            let continues_zero =
+                differs && is_zero && zero_run.is_some_and(|(s, l)| s + l == off && l < (u32::MAX as u64 / 2));
             if !continues_zero {
                 if let Some((s, l)) = zero_run.take() {
                     batch.push(IngestRecord::zero(disk, s, l as u32));
@@ -363,7 +437,9 @@ fn scan_disk(
                     }
                 }
             }
-            if (batch_bytes >= BATCH_BYTES || batch.len() >= 4096) && !flush(&mut batch, &mut batch_bytes, &mut changed, &mut zeroed) {
+            if (batch_bytes >= BATCH_BYTES || batch.len() >= 4096)
+                && !flush(&mut batch, &mut batch_bytes, &mut changed, &mut zeroed)
+            {
                 return Err(std::io::Error::other("sync cancelled"));
             }
         }

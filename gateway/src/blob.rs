@@ -15,7 +15,7 @@ use object_store::{ObjectStore, PutPayload};
 use thiserror::Error;
 use url::Url;
 
-use crate::crypto::{CryptoError, Key, KdfParams, Keyring, WrappedKey};
+use crate::crypto::{CryptoError, KdfParams, Key, Keyring, WrappedKey};
 
 #[derive(Debug, Error)]
 pub enum BlobError {
@@ -37,10 +37,15 @@ pub enum BlobError {
 /// (e.g. `azure_storage_account_name`, `aws_endpoint`); `AZURE_*` and `AWS_*` environment
 /// variables are added underneath them.
 pub fn open_store(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn ObjectStore>, BlobError> {
-    let bad = |reason: String| BlobError::Url { url: url.to_owned(), reason };
+    let bad = |reason: String| BlobError::Url {
+        url: url.to_owned(),
+        reason,
+    };
     let parsed = Url::parse(url).map_err(|e| bad(e.to_string()))?;
     if parsed.scheme() == "file" {
-        let path = parsed.to_file_path().map_err(|_| bad("not an absolute file path".into()))?;
+        let path = parsed
+            .to_file_path()
+            .map_err(|_| bad("not an absolute file path".into()))?;
         std::fs::create_dir_all(&path).map_err(|e| bad(format!("cannot create {}: {e}", path.display())))?;
         let store = object_store::local::LocalFileSystem::new_with_prefix(&path).map_err(|e| bad(e.to_string()))?;
         return Ok(Arc::new(store));
@@ -77,7 +82,9 @@ pub mod layout {
         Path::from(format!("machines/{machine}/disks/{disk}/segments"))
     }
     pub fn segment(machine: &str, disk: &str, first: u64, last: u64) -> Path {
-        Path::from(format!("machines/{machine}/disks/{disk}/segments/{first:020}-{last:020}.lbseg"))
+        Path::from(format!(
+            "machines/{machine}/disks/{disk}/segments/{first:020}-{last:020}.lbseg"
+        ))
     }
     /// The sequence range a segment name carries.
     pub fn parse_segment_name(path: &Path) -> Option<(u64, u64)> {
@@ -87,20 +94,37 @@ pub mod layout {
     }
 }
 
-async fn get_json<T: serde::de::DeserializeOwned>(store: &dyn ObjectStore, path: &Path) -> Result<Option<T>, BlobError> {
+async fn get_json<T: serde::de::DeserializeOwned>(
+    store: &dyn ObjectStore,
+    path: &Path,
+) -> Result<Option<T>, BlobError> {
     match store.get(path).await {
         Ok(r) => {
             let bytes = r.bytes().await?;
-            serde_json::from_slice(&bytes).map(Some).map_err(|source| BlobError::Json { path: path.to_string(), source })
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| BlobError::Json {
+                    path: path.to_string(),
+                    source,
+                })
         }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
-async fn put_json<T: serde::Serialize>(store: &dyn ObjectStore, path: &Path, v: &T, create_only: bool) -> Result<bool, BlobError> {
+async fn put_json<T: serde::Serialize>(
+    store: &dyn ObjectStore,
+    path: &Path,
+    v: &T,
+    create_only: bool,
+) -> Result<bool, BlobError> {
     let body = serde_json::to_vec_pretty(v).expect("serialize");
-    let opts = if create_only { object_store::PutMode::Create.into() } else { Default::default() };
+    let opts = if create_only {
+        object_store::PutMode::Create.into()
+    } else {
+        Default::default()
+    };
     match store.put_opts(path, PutPayload::from(body), opts).await {
         Ok(_) => Ok(true),
         Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
@@ -109,7 +133,11 @@ async fn put_json<T: serde::Serialize>(store: &dyn ObjectStore, path: &Path, v: 
 }
 
 /// Opens the store's keyring with `passphrase`, creating it on first use. Returns the KEK.
-pub async fn open_or_create_keyring(store: &dyn ObjectStore, passphrase: &str, new_params: impl FnOnce() -> KdfParams) -> Result<Key, BlobError> {
+pub async fn open_or_create_keyring(
+    store: &dyn ObjectStore,
+    passphrase: &str,
+    new_params: impl FnOnce() -> KdfParams,
+) -> Result<Key, BlobError> {
     if let Some(ring) = get_json::<Keyring>(store, &layout::keyring()).await? {
         return Ok(open_keyring_blocking(ring, passphrase.to_owned()).await?);
     }
@@ -126,7 +154,9 @@ pub async fn open_or_create_keyring(store: &dyn ObjectStore, passphrase: &str, n
         return Ok(kek);
     }
     // Someone created it first: use theirs.
-    let ring = get_json::<Keyring>(store, &layout::keyring()).await?.expect("keyring exists");
+    let ring = get_json::<Keyring>(store, &layout::keyring())
+        .await?
+        .expect("keyring exists");
     Ok(open_keyring_blocking(ring, passphrase.to_owned()).await?)
 }
 
@@ -139,7 +169,9 @@ pub async fn open_keyring(store: &dyn ObjectStore, passphrase: &str) -> Result<O
 }
 
 async fn open_keyring_blocking(ring: Keyring, passphrase: String) -> Result<Key, CryptoError> {
-    tokio::task::spawn_blocking(move || ring.open(&passphrase)).await.expect("kdf task")
+    tokio::task::spawn_blocking(move || ring.open(&passphrase))
+        .await
+        .expect("kdf task")
 }
 
 /// Stores a disk's wrapped data key (write-once).
@@ -149,14 +181,23 @@ pub async fn put_wrapped_key(store: &dyn ObjectStore, w: &WrappedKey) -> Result<
         // Already there (a retry after a crash): it must be the same key.
         let existing: WrappedKey = get_json(store, &path).await?.expect("exists");
         if existing.wrapped != w.wrapped {
-            return Err(BlobError::Url { url: path.to_string(), reason: "a different data key already exists under this id".into() });
+            return Err(BlobError::Url {
+                url: path.to_string(),
+                reason: "a different data key already exists under this id".into(),
+            });
         }
     }
     Ok(())
 }
 
 /// Loads and unwraps a disk's data key.
-pub async fn get_data_key(store: &dyn ObjectStore, kek: &Key, machine: &str, disk: &str, key_id: u32) -> Result<Option<Key>, BlobError> {
+pub async fn get_data_key(
+    store: &dyn ObjectStore,
+    kek: &Key,
+    machine: &str,
+    disk: &str,
+    key_id: u32,
+) -> Result<Option<Key>, BlobError> {
     let path = layout::key(machine, disk, key_id);
     match get_json::<WrappedKey>(store, &path).await? {
         Some(w) if w.machine == machine && w.disk == disk && w.key_id == key_id => Ok(Some(w.unwrap_key(kek)?)),

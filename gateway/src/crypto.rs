@@ -45,7 +45,13 @@ impl KdfParams {
     pub fn generate() -> Self {
         let mut salt = vec![0u8; 16];
         rand::thread_rng().fill_bytes(&mut salt);
-        Self { algorithm: "argon2id".into(), memory_kib: 64 * 1024, iterations: 3, parallelism: 1, salt }
+        Self {
+            algorithm: "argon2id".into(),
+            memory_kib: 64 * 1024,
+            iterations: 3,
+            parallelism: 1,
+            salt,
+        }
     }
 }
 
@@ -102,20 +108,35 @@ impl Keyring {
     pub fn new(kek: &Key, kdf: KdfParams) -> Self {
         let mut nonce = vec![0u8; 12];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let verifier = kek.cipher().encrypt(Nonce::from_slice(&nonce), VERIFIER_PLAINTEXT).expect("seal");
-        Self { format: "lifeboat-keyring".into(), version: 1, kdf, verifier_nonce: nonce, verifier }
+        let verifier = kek
+            .cipher()
+            .encrypt(Nonce::from_slice(&nonce), VERIFIER_PLAINTEXT)
+            .expect("seal");
+        Self {
+            format: "lifeboat-keyring".into(),
+            version: 1,
+            kdf,
+            verifier_nonce: nonce,
+            verifier,
+        }
     }
 
     /// Derives the KEK and checks it against the verifier.
     pub fn open(&self, passphrase: &str) -> Result<Key, CryptoError> {
         if self.version != 1 {
-            return Err(CryptoError::Version { what: "keyring", version: self.version });
+            return Err(CryptoError::Version {
+                what: "keyring",
+                version: self.version,
+            });
         }
         if self.verifier_nonce.len() != 12 {
             return Err(CryptoError::Malformed("keyring verifier nonce"));
         }
         let kek = derive_kek(passphrase, &self.kdf)?;
-        match kek.cipher().decrypt(Nonce::from_slice(&self.verifier_nonce), self.verifier.as_slice()) {
+        match kek
+            .cipher()
+            .decrypt(Nonce::from_slice(&self.verifier_nonce), self.verifier.as_slice())
+        {
             Ok(p) if p == VERIFIER_PLAINTEXT => Ok(kek),
             _ => Err(CryptoError::WrongPassphrase),
         }
@@ -163,7 +184,10 @@ impl WrappedKey {
 
     pub fn unwrap_key(&self, kek: &Key) -> Result<Key, CryptoError> {
         if self.version != 1 {
-            return Err(CryptoError::Version { what: "wrapped key", version: self.version });
+            return Err(CryptoError::Version {
+                what: "wrapped key",
+                version: self.version,
+            });
         }
         if self.nonce.len() != 12 {
             return Err(CryptoError::Malformed("wrapped key nonce"));
@@ -171,9 +195,19 @@ impl WrappedKey {
         let aad = wrap_aad(&self.machine, &self.disk, self.key_id);
         let plain = kek
             .cipher()
-            .decrypt(Nonce::from_slice(&self.nonce), Payload { msg: &self.wrapped, aad: &aad })
-            .map_err(|_| CryptoError::Unauthentic(format!("data key {}/{}#{}", self.machine, self.disk, self.key_id)))?;
-        let k: [u8; 32] = plain.try_into().map_err(|_| CryptoError::Malformed("wrapped key length"))?;
+            .decrypt(
+                Nonce::from_slice(&self.nonce),
+                Payload {
+                    msg: &self.wrapped,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| {
+                CryptoError::Unauthentic(format!("data key {}/{}#{}", self.machine, self.disk, self.key_id))
+            })?;
+        let k: [u8; 32] = plain
+            .try_into()
+            .map_err(|_| CryptoError::Malformed("wrapped key length"))?;
         Ok(Key(k))
     }
 }
@@ -216,7 +250,11 @@ mod tests {
     use super::*;
 
     fn fast_params() -> KdfParams {
-        KdfParams { memory_kib: 1024, iterations: 1, ..KdfParams::generate() }
+        KdfParams {
+            memory_kib: 1024,
+            iterations: 1,
+            ..KdfParams::generate()
+        }
     }
 
     #[test]

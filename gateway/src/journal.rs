@@ -54,7 +54,13 @@ pub enum JournalError {
     #[error("unknown disk {machine}/{disk}: register it before sending writes")]
     UnknownDisk { machine: String, disk: String },
     #[error("write to {machine}/{disk} at {offset}+{len} is beyond the disk's {size} bytes")]
-    OutOfRange { machine: String, disk: String, offset: u64, len: u64, size: u64 },
+    OutOfRange {
+        machine: String,
+        disk: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("corrupt journal entry: {0}")]
     Corrupt(String),
     #[error("the journal writer has stopped")]
@@ -158,11 +164,37 @@ pub fn block_checksum(data: &[u8]) -> [u8; 16] {
 }
 
 enum Command {
-    Commit { machine: String, session: u64, batch: u64, records: Vec<PreparedRecord>, bytes: usize, reply: oneshot::Sender<Result<Ack, JournalError>> },
-    RegisterDisk { machine: String, disk: String, size: u64, key_id: u32, reply: oneshot::Sender<Result<DiskMeta, JournalError>> },
-    PlanSegment { disk_id: u32, first_seq: u64, last_seq: u64, reply: oneshot::Sender<Result<SegmentPlan, JournalError>> },
-    Uploaded { plan: SegmentPlan, bytes: u64, reply: oneshot::Sender<Result<(), JournalError>> },
-    AddToken { hash: [u8; 32], machine: String, reply: oneshot::Sender<Result<(), JournalError>> },
+    Commit {
+        machine: String,
+        session: u64,
+        batch: u64,
+        records: Vec<PreparedRecord>,
+        bytes: usize,
+        reply: oneshot::Sender<Result<Ack, JournalError>>,
+    },
+    RegisterDisk {
+        machine: String,
+        disk: String,
+        size: u64,
+        key_id: u32,
+        reply: oneshot::Sender<Result<DiskMeta, JournalError>>,
+    },
+    PlanSegment {
+        disk_id: u32,
+        first_seq: u64,
+        last_seq: u64,
+        reply: oneshot::Sender<Result<SegmentPlan, JournalError>>,
+    },
+    Uploaded {
+        plan: SegmentPlan,
+        bytes: u64,
+        reply: oneshot::Sender<Result<(), JournalError>>,
+    },
+    AddToken {
+        hash: [u8; 32],
+        machine: String,
+        reply: oneshot::Sender<Result<(), JournalError>>,
+    },
 }
 
 /// Shared, read-mostly state; only the writer thread mutates it.
@@ -202,7 +234,10 @@ impl Drop for WriterGuard {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn journal_key(disk_id: u32, seq: u64) -> [u8; 12] {
@@ -276,7 +311,8 @@ impl Journal {
             if !k.starts_with(b"disk/") {
                 break;
             }
-            let d: DiskMeta = serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("disk record: {e}")))?;
+            let d: DiskMeta =
+                serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("disk record: {e}")))?;
             disks.insert(d.id, d);
         }
         let mut plans = BTreeMap::new();
@@ -285,7 +321,8 @@ impl Journal {
             if !k.starts_with(b"plan/") {
                 break;
             }
-            let p: SegmentPlan = serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("plan record: {e}")))?;
+            let p: SegmentPlan =
+                serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("plan record: {e}")))?;
             plans.insert(p.disk_id, p);
         }
         let cache_used = u64_value(db.get_cf(meta, CACHE_USED_KEY)?);
@@ -299,7 +336,10 @@ impl Journal {
             freed: Notify::new(),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        let writer = Writer { db: db.clone(), state: state.clone() };
+        let writer = Writer {
+            db: db.clone(),
+            state: state.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run(rx))
@@ -308,7 +348,10 @@ impl Journal {
             db,
             tx: tx.clone(),
             state,
-            _writer: Arc::new(WriterGuard { tx: Some(tx), handle: Some(handle) }),
+            _writer: Arc::new(WriterGuard {
+                tx: Some(tx),
+                handle: Some(handle),
+            }),
         })
     }
 
@@ -316,7 +359,10 @@ impl Journal {
         &self.db
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Command) -> Result<T, JournalError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Command,
+    ) -> Result<T, JournalError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).map_err(|_| JournalError::Stopped)?;
         rx.await.map_err(|_| JournalError::Stopped)?
@@ -324,18 +370,51 @@ impl Journal {
 
     /// Commits a batch durably (synced WAL) and returns its ack. A batch already committed under
     /// the same `(machine, session, batch)` returns the original ack without writing again.
-    pub async fn commit(&self, machine: &str, session: u64, batch: u64, records: Vec<PreparedRecord>) -> Result<Ack, JournalError> {
+    pub async fn commit(
+        &self,
+        machine: &str,
+        session: u64,
+        batch: u64,
+        records: Vec<PreparedRecord>,
+    ) -> Result<Ack, JournalError> {
         let bytes = records.iter().map(|r| r.record.payload.len() + 64).sum();
-        self.call(|reply| Command::Commit { machine: machine.to_owned(), session, batch, records, bytes, reply }).await
+        self.call(|reply| Command::Commit {
+            machine: machine.to_owned(),
+            session,
+            batch,
+            records,
+            bytes,
+            reply,
+        })
+        .await
     }
 
     /// Registers a disk (or updates its size). `key_id` is used only for a new disk.
-    pub async fn register_disk(&self, machine: &str, disk: &str, size: u64, key_id: u32) -> Result<DiskMeta, JournalError> {
-        self.call(|reply| Command::RegisterDisk { machine: machine.to_owned(), disk: disk.to_owned(), size, key_id, reply }).await
+    pub async fn register_disk(
+        &self,
+        machine: &str,
+        disk: &str,
+        size: u64,
+        key_id: u32,
+    ) -> Result<DiskMeta, JournalError> {
+        self.call(|reply| Command::RegisterDisk {
+            machine: machine.to_owned(),
+            disk: disk.to_owned(),
+            size,
+            key_id,
+            reply,
+        })
+        .await
     }
 
     pub async fn plan_segment(&self, disk_id: u32, first_seq: u64, last_seq: u64) -> Result<SegmentPlan, JournalError> {
-        self.call(|reply| Command::PlanSegment { disk_id, first_seq, last_seq, reply }).await
+        self.call(|reply| Command::PlanSegment {
+            disk_id,
+            first_seq,
+            last_seq,
+            reply,
+        })
+        .await
     }
 
     /// Drops a segment's records from the journal once it is durable in blob storage; `bytes` is
@@ -346,17 +425,31 @@ impl Journal {
 
     /// Stores an agent token's hash for `machine`.
     pub async fn add_token(&self, hash: [u8; 32], machine: &str) -> Result<(), JournalError> {
-        self.call(|reply| Command::AddToken { hash, machine: machine.to_owned(), reply }).await
+        self.call(|reply| Command::AddToken {
+            hash,
+            machine: machine.to_owned(),
+            reply,
+        })
+        .await
     }
 
     /// The machine a token hash belongs to (blocking read).
     pub fn token_machine(&self, hash: &[u8; 32]) -> Result<Option<String>, JournalError> {
         let meta = self.db.cf_handle(CF_META).expect("meta cf");
-        Ok(self.db.get_cf(meta, token_key(hash))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self
+            .db
+            .get_cf(meta, token_key(hash))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     pub fn disk(&self, machine: &str, disk: &str) -> Option<DiskMeta> {
-        self.state.disks.read().expect("lock").values().find(|d| d.machine == machine && d.disk == disk).cloned()
+        self.state
+            .disks
+            .read()
+            .expect("lock")
+            .values()
+            .find(|d| d.machine == machine && d.disk == disk)
+            .cloned()
     }
 
     pub fn disks(&self) -> Vec<DiskMeta> {
@@ -389,7 +482,13 @@ impl Journal {
 
     /// Reads journal records of a disk with `seq` in `[first, last]`, stopping early once
     /// `max_bytes` of payload are collected (blocking read).
-    pub fn read_records(&self, disk_id: u32, first: u64, last: u64, max_bytes: usize) -> Result<Vec<LogRecord>, JournalError> {
+    pub fn read_records(
+        &self,
+        disk_id: u32,
+        first: u64,
+        last: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogRecord>, JournalError> {
         let cf = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
         let start = journal_key(disk_id, first);
         let mut out = Vec::new();
@@ -403,9 +502,13 @@ impl Journal {
             if seq > last {
                 break;
             }
-            let r = LogRecord::from_journal_value(&v).map_err(|e| JournalError::Corrupt(format!("disk {disk_id} seq {seq}: {e}")))?;
+            let r = LogRecord::from_journal_value(&v)
+                .map_err(|e| JournalError::Corrupt(format!("disk {disk_id} seq {seq}: {e}")))?;
             if r.seq != seq {
-                return Err(JournalError::Corrupt(format!("disk {disk_id}: key seq {seq} holds record seq {}", r.seq)));
+                return Err(JournalError::Corrupt(format!(
+                    "disk {disk_id}: key seq {seq} holds record seq {}",
+                    r.seq
+                )));
             }
             bytes += r.payload.len();
             out.push(r);
@@ -430,6 +533,22 @@ impl Journal {
         }
         Ok(out)
     }
+}
+
+/// An answer held back until the group's `WriteBatch` is synced; it is given the write error,
+/// if any, which then replaces the answer.
+type DeferredReply = Box<dyn FnOnce(Option<&str>)>;
+
+fn deferred_reply<T: 'static>(
+    reply: oneshot::Sender<Result<T, JournalError>>,
+    r: Result<T, JournalError>,
+) -> DeferredReply {
+    Box::new(move |write_error| {
+        let _ = reply.send(match write_error {
+            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
+            None => r,
+        });
+    })
 }
 
 struct Writer {
@@ -477,43 +596,46 @@ impl Writer {
             next_point: None,
             db: &self.db,
         };
-        let mut replies: Vec<Box<dyn FnOnce(Option<&str>)>> = Vec::new();
+        let mut replies: Vec<DeferredReply> = Vec::new();
         let mut new_plans = Vec::new();
         let mut done_plans = Vec::new();
         let mut committed_any = false;
         let mut freed_any = false;
         for cmd in cmds {
             match cmd {
-                Command::Commit { machine, session, batch, records, bytes, reply } => {
+                Command::Commit {
+                    machine,
+                    session,
+                    batch,
+                    records,
+                    bytes,
+                    reply,
+                } => {
                     let r = self.commit(&mut g, &machine, session, batch, records, bytes as u64);
                     committed_any |= r.is_ok();
-                    replies.push(Box::new(move |err| {
-                        let _ = reply.send(match err {
-                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
-                            None => r,
-                        });
-                    }));
+                    replies.push(deferred_reply(reply, r));
                 }
-                Command::RegisterDisk { machine, disk, size, key_id, reply } => {
+                Command::RegisterDisk {
+                    machine,
+                    disk,
+                    size,
+                    key_id,
+                    reply,
+                } => {
                     let r = self.register_disk(&mut g, &machine, &disk, size, key_id);
-                    replies.push(Box::new(move |err| {
-                        let _ = reply.send(match err {
-                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
-                            None => r,
-                        });
-                    }));
+                    replies.push(deferred_reply(reply, r));
                 }
-                Command::PlanSegment { disk_id, first_seq, last_seq, reply } => {
+                Command::PlanSegment {
+                    disk_id,
+                    first_seq,
+                    last_seq,
+                    reply,
+                } => {
                     let r = self.plan(&mut g, disk_id, first_seq, last_seq);
                     if let Ok(p) = &r {
                         new_plans.push(*p);
                     }
-                    replies.push(Box::new(move |err| {
-                        let _ = reply.send(match err {
-                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
-                            None => r,
-                        });
-                    }));
+                    replies.push(deferred_reply(reply, r));
                 }
                 Command::Uploaded { plan, bytes, reply } => {
                     let r = self.uploaded(&mut g, plan, bytes);
@@ -521,26 +643,20 @@ impl Writer {
                         done_plans.push(plan);
                         freed_any = true;
                     }
-                    replies.push(Box::new(move |err| {
-                        let _ = reply.send(match err {
-                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
-                            None => r,
-                        });
-                    }));
+                    replies.push(deferred_reply(reply, r));
                 }
                 Command::AddToken { hash, machine, reply } => {
                     g.wb.put_cf(meta, token_key(&hash), machine.as_bytes());
-                    replies.push(Box::new(move |err| {
-                        let _ = reply.send(match err {
-                            Some(e) => Err(JournalError::Corrupt(e.to_owned())),
-                            None => Ok(()),
-                        });
-                    }));
+                    replies.push(deferred_reply(reply, Ok(())));
                 }
             }
         }
         for d in g.disks.values() {
-            g.wb.put_cf(meta, disk_meta_key(&d.machine, &d.disk), serde_json::to_vec(d).expect("json"));
+            g.wb.put_cf(
+                meta,
+                disk_meta_key(&d.machine, &d.disk),
+                serde_json::to_vec(d).expect("json"),
+            );
         }
         g.wb.put_cf(meta, CACHE_USED_KEY, g.cache_used.to_be_bytes());
         let mut wo = WriteOptions::default();
@@ -580,9 +696,8 @@ impl Writer {
     }
 
     fn disk_mut<'g>(&self, g: &'g mut Group, id: u32) -> Option<&'g mut DiskMeta> {
-        if !g.disks.contains_key(&id) {
-            let d = self.state.disks.read().expect("lock").get(&id).cloned()?;
-            g.disks.insert(id, d);
+        if let std::collections::hash_map::Entry::Vacant(e) = g.disks.entry(id) {
+            e.insert(self.state.disks.read().expect("lock").get(&id).cloned()?);
         }
         g.disks.get_mut(&id)
     }
@@ -600,31 +715,61 @@ impl Writer {
             .values()
             .find(|d| d.machine == machine && d.disk == disk)
             .map(|d| d.id)
-            .or_else(|| self.state.disks.read().expect("lock").values().find(|d| d.machine == machine && d.disk == disk).map(|d| d.id))
+            .or_else(|| {
+                self.state
+                    .disks
+                    .read()
+                    .expect("lock")
+                    .values()
+                    .find(|d| d.machine == machine && d.disk == disk)
+                    .map(|d| d.id)
+            })
     }
 
     fn machine_disks(&self, g: &Group, machine: &str) -> Vec<u32> {
-        let mut ids: Vec<u32> = self.state.disks.read().expect("lock").values().filter(|d| d.machine == machine).map(|d| d.id).collect();
+        let mut ids: Vec<u32> = self
+            .state
+            .disks
+            .read()
+            .expect("lock")
+            .values()
+            .filter(|d| d.machine == machine)
+            .map(|d| d.id)
+            .collect();
         ids.extend(g.disks.values().filter(|d| d.machine == machine).map(|d| d.id));
         ids.sort_unstable();
         ids.dedup();
         ids
     }
 
-    fn commit(&self, g: &mut Group, machine: &str, session: u64, batch: u64, records: Vec<PreparedRecord>, bytes: u64) -> Result<Ack, JournalError> {
+    fn commit(
+        &self,
+        g: &mut Group,
+        machine: &str,
+        session: u64,
+        batch: u64,
+        records: Vec<PreparedRecord>,
+        bytes: u64,
+    ) -> Result<Ack, JournalError> {
         let meta = self.db.cf_handle(CF_META).expect("meta cf");
         let journal = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
         let sums = self.db.cf_handle(CF_CHECKSUMS).expect("checksums cf");
         let bkey = batch_key(machine, session, batch);
         if let Some(ack) = g.acks.get(&bkey) {
-            return Ok(Ack { duplicate: true, ..ack.clone() });
+            return Ok(Ack {
+                duplicate: true,
+                ..ack.clone()
+            });
         }
         if let Some(v) = g.db.get_cf(meta, &bkey)? {
             let ack: Ack = serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("batch ack: {e}")))?;
             return Ok(Ack { duplicate: true, ..ack });
         }
         if g.cache_used > 0 && g.cache_used + bytes > self.state.max_bytes {
-            return Err(JournalError::CacheFull { used: g.cache_used, max: self.state.max_bytes });
+            return Err(JournalError::CacheFull {
+                used: g.cache_used,
+                max: self.state.max_bytes,
+            });
         }
         // Validate the whole batch before touching anything: it commits all or nothing.
         let mut ids = Vec::with_capacity(records.len());
@@ -634,21 +779,42 @@ impl Writer {
                 ids.push(None);
                 continue;
             }
-            let id = self.find_disk(g, machine, &r.disk).ok_or_else(|| JournalError::UnknownDisk { machine: machine.into(), disk: r.disk.clone() })?;
+            let id = self
+                .find_disk(g, machine, &r.disk)
+                .ok_or_else(|| JournalError::UnknownDisk {
+                    machine: machine.into(),
+                    disk: r.disk.clone(),
+                })?;
             let size = self.disk_mut(g, id).expect("disk").size;
             if r.offset + r.len as u64 > size {
-                return Err(JournalError::OutOfRange { machine: machine.into(), disk: r.disk.clone(), offset: r.offset, len: r.len as u64, size });
+                return Err(JournalError::OutOfRange {
+                    machine: machine.into(),
+                    disk: r.disk.clone(),
+                    offset: r.offset,
+                    len: r.len as u64,
+                    size,
+                });
             }
             ids.push(Some(id));
         }
         let now = now_ms();
-        let mut ack = Ack { batch, ..Default::default() };
+        let mut ack = Ack {
+            batch,
+            ..Default::default()
+        };
         let mut added = 0u64;
         for (p, id) in records.into_iter().zip(ids) {
             match id {
                 Some(id) => {
                     let (seq, name) = self.take_seq(g, id);
-                    let rec = LogRecord { kind: p.record.kind, seq, time_ms: now, offset: p.record.offset, len: p.record.len, payload: p.record.payload };
+                    let rec = LogRecord {
+                        kind: p.record.kind,
+                        seq,
+                        time_ms: now,
+                        offset: p.record.offset,
+                        len: p.record.len,
+                        payload: p.record.payload,
+                    };
                     let value = rec.to_journal_value();
                     added += value.len() as u64;
                     g.wb.put_cf(journal, journal_key(id, seq), value);
@@ -669,17 +835,35 @@ impl Writer {
                     g.next_point = Some(point_id + 1);
                     g.wb.put_cf(meta, NEXT_POINT_KEY, (point_id + 1).to_be_bytes());
                     let label = String::from_utf8_lossy(&p.record.payload).into_owned();
-                    let mut point = RecoveryPoint { id: point_id, machine: machine.into(), time_ms: now, kind: "app-consistent".into(), label, seqs: BTreeMap::new() };
+                    let mut point = RecoveryPoint {
+                        id: point_id,
+                        machine: machine.into(),
+                        time_ms: now,
+                        kind: "app-consistent".into(),
+                        label,
+                        seqs: BTreeMap::new(),
+                    };
                     for id in self.machine_disks(g, machine) {
                         let (seq, name) = self.take_seq(g, id);
-                        let rec = LogRecord { kind: RecordKind::Bookmark, seq, time_ms: now, offset: point_id, len: p.record.payload.len() as u32, payload: p.record.payload.clone() };
+                        let rec = LogRecord {
+                            kind: RecordKind::Bookmark,
+                            seq,
+                            time_ms: now,
+                            offset: point_id,
+                            len: p.record.payload.len() as u32,
+                            payload: p.record.payload.clone(),
+                        };
                         let value = rec.to_journal_value();
                         added += value.len() as u64;
                         g.wb.put_cf(journal, journal_key(id, seq), value);
                         point.seqs.insert(name.clone(), seq);
                         ack.seqs.insert(name, seq);
                     }
-                    g.wb.put_cf(meta, point_key(machine, point_id), serde_json::to_vec(&point).expect("json"));
+                    g.wb.put_cf(
+                        meta,
+                        point_key(machine, point_id),
+                        serde_json::to_vec(&point).expect("json"),
+                    );
                     ack.point = Some(point_id);
                 }
             }
@@ -690,7 +874,14 @@ impl Writer {
         Ok(ack)
     }
 
-    fn register_disk(&self, g: &mut Group, machine: &str, disk: &str, size: u64, key_id: u32) -> Result<DiskMeta, JournalError> {
+    fn register_disk(
+        &self,
+        g: &mut Group,
+        machine: &str,
+        disk: &str,
+        size: u64,
+        key_id: u32,
+    ) -> Result<DiskMeta, JournalError> {
         let meta = self.db.cf_handle(CF_META).expect("meta cf");
         if let Some(id) = self.find_disk(g, machine, disk) {
             let d = self.disk_mut(g, id).expect("disk");
@@ -698,9 +889,20 @@ impl Writer {
             return Ok(d.clone());
         }
         let used_max = g.disks.keys().max().copied().unwrap_or(0);
-        let id = (u64_value(g.db.get_cf(meta, NEXT_DISK_KEY)?) as u32).max(used_max + 1).max(1);
+        let id = (u64_value(g.db.get_cf(meta, NEXT_DISK_KEY)?) as u32)
+            .max(used_max + 1)
+            .max(1);
         g.wb.put_cf(meta, NEXT_DISK_KEY, ((id + 1) as u64).to_be_bytes());
-        let d = DiskMeta { id, machine: machine.into(), disk: disk.into(), size, key_id, next_seq: 1, uploaded_through: 0, next_counter: 1 };
+        let d = DiskMeta {
+            id,
+            machine: machine.into(),
+            disk: disk.into(),
+            size,
+            key_id,
+            next_seq: 1,
+            uploaded_through: 0,
+            next_counter: 1,
+        };
         g.disks.insert(id, d.clone());
         Ok(d)
     }
@@ -710,8 +912,15 @@ impl Writer {
         if let Some(p) = self.state.plans.read().expect("lock").get(&disk_id) {
             return Ok(*p);
         }
-        let d = self.disk_mut(g, disk_id).ok_or_else(|| JournalError::Corrupt(format!("plan for unknown disk {disk_id}")))?;
-        let plan = SegmentPlan { disk_id, counter: d.next_counter, first_seq, last_seq };
+        let d = self
+            .disk_mut(g, disk_id)
+            .ok_or_else(|| JournalError::Corrupt(format!("plan for unknown disk {disk_id}")))?;
+        let plan = SegmentPlan {
+            disk_id,
+            counter: d.next_counter,
+            first_seq,
+            last_seq,
+        };
         d.next_counter += 1;
         g.wb.put_cf(meta, plan_key(disk_id), serde_json::to_vec(&plan).expect("json"));
         Ok(plan)
@@ -720,9 +929,15 @@ impl Writer {
     fn uploaded(&self, g: &mut Group, plan: SegmentPlan, freed: u64) -> Result<(), JournalError> {
         let meta = self.db.cf_handle(CF_META).expect("meta cf");
         let journal = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
-        g.wb.delete_range_cf(journal, journal_key(plan.disk_id, plan.first_seq), journal_key(plan.disk_id, plan.last_seq + 1));
+        g.wb.delete_range_cf(
+            journal,
+            journal_key(plan.disk_id, plan.first_seq),
+            journal_key(plan.disk_id, plan.last_seq + 1),
+        );
         g.wb.delete_cf(meta, plan_key(plan.disk_id));
-        let d = self.disk_mut(g, plan.disk_id).ok_or_else(|| JournalError::Corrupt(format!("upload for unknown disk {}", plan.disk_id)))?;
+        let d = self
+            .disk_mut(g, plan.disk_id)
+            .ok_or_else(|| JournalError::Corrupt(format!("upload for unknown disk {}", plan.disk_id)))?;
         d.uploaded_through = d.uploaded_through.max(plan.last_seq);
         g.cache_used = g.cache_used.saturating_sub(freed);
         Ok(())
@@ -748,9 +963,20 @@ mod tests {
         {
             let j = Journal::open(dir.path(), 1 << 30).unwrap();
             j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
-            let ack = j.commit("m", 7, 1, vec![write("disk0", 0, &[1u8; 65536]), write("disk0", 65536, &[2u8; 100])]).await.unwrap();
+            let ack = j
+                .commit(
+                    "m",
+                    7,
+                    1,
+                    vec![write("disk0", 0, &[1u8; 65536]), write("disk0", 65536, &[2u8; 100])],
+                )
+                .await
+                .unwrap();
             assert_eq!(ack.seqs["disk0"], 2);
-            let again = j.commit("m", 7, 1, vec![write("disk0", 0, &[9u8; 65536])]).await.unwrap();
+            let again = j
+                .commit("m", 7, 1, vec![write("disk0", 0, &[9u8; 65536])])
+                .await
+                .unwrap();
             assert!(again.duplicate);
             assert_eq!(again.seqs, ack.seqs);
         }
@@ -771,14 +997,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path(), 100_000).unwrap();
         let d = j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
-        j.commit("m", 1, 1, vec![write("disk0", 0, &[1u8; 65536])]).await.unwrap();
-        let err = j.commit("m", 1, 2, vec![write("disk0", 65536, &[1u8; 65536])]).await.unwrap_err();
+        j.commit("m", 1, 1, vec![write("disk0", 0, &[1u8; 65536])])
+            .await
+            .unwrap();
+        let err = j
+            .commit("m", 1, 2, vec![write("disk0", 65536, &[1u8; 65536])])
+            .await
+            .unwrap_err();
         assert!(matches!(err, JournalError::CacheFull { .. }), "{err}");
         let plan = j.plan_segment(d.id, 1, 1).await.unwrap();
-        let bytes = j.read_records(d.id, 1, 1, usize::MAX).unwrap()[0].to_journal_value().len() as u64;
+        let bytes = j.read_records(d.id, 1, 1, usize::MAX).unwrap()[0]
+            .to_journal_value()
+            .len() as u64;
         j.segment_uploaded(plan, bytes).await.unwrap();
         assert_eq!(j.cache_used(), 0);
-        j.commit("m", 1, 2, vec![write("disk0", 65536, &[1u8; 65536])]).await.unwrap();
+        j.commit("m", 1, 2, vec![write("disk0", 65536, &[1u8; 65536])])
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -786,9 +1021,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path(), 1 << 30).unwrap();
         j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
-        let e = j.commit("m", 1, 1, vec![write("disk0", 0, b"ok"), write("nope", 0, b"x")]).await.unwrap_err();
+        let e = j
+            .commit("m", 1, 1, vec![write("disk0", 0, b"ok"), write("nope", 0, b"x")])
+            .await
+            .unwrap_err();
         assert!(matches!(e, JournalError::UnknownDisk { .. }));
-        let e = j.commit("m", 1, 2, vec![write("disk0", (1 << 20) - 1, b"xx")]).await.unwrap_err();
+        let e = j
+            .commit("m", 1, 2, vec![write("disk0", (1 << 20) - 1, b"xx")])
+            .await
+            .unwrap_err();
         assert!(matches!(e, JournalError::OutOfRange { .. }));
         assert_eq!(j.disk("m", "disk0").unwrap().next_seq, 1);
     }
@@ -800,7 +1041,10 @@ mod tests {
         j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
         j.register_disk("m", "disk1", 1 << 20, 1).await.unwrap();
         j.commit("m", 1, 1, vec![write("disk0", 0, b"a")]).await.unwrap();
-        let ack = j.commit("m", 1, 2, vec![prepare(IngestRecord::bookmark("nightly"), 0)]).await.unwrap();
+        let ack = j
+            .commit("m", 1, 2, vec![prepare(IngestRecord::bookmark("nightly"), 0)])
+            .await
+            .unwrap();
         let points = j.points("m").unwrap();
         assert_eq!(points.len(), 1);
         assert_eq!(points[0].seqs["disk0"], 2);

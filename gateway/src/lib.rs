@@ -55,20 +55,38 @@ pub struct ProcessServer {
 impl ProcessServer {
     /// Opens the journal and the blob store (creating the keyring on first use) and starts the
     /// uploader. Stops when `shutdown` turns true.
-    pub async fn start(cfg: &ProcessServerConfig, metrics: metrics::GatewayMetrics, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
+    pub async fn start(
+        cfg: &ProcessServerConfig,
+        metrics: metrics::GatewayMetrics,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
         let store = blob::open_store(&cfg.blob_url, &cfg.blob_options)?;
-        let local_root = url::Url::parse(&cfg.blob_url).ok().filter(|u| u.scheme() == "file").and_then(|u| u.to_file_path().ok());
+        let local_root = url::Url::parse(&cfg.blob_url)
+            .ok()
+            .filter(|u| u.scheme() == "file")
+            .and_then(|u| u.to_file_path().ok());
         let blob = uploader::BlobStore { store, local_root };
-        let kek = blob::open_or_create_keyring(blob.store.as_ref(), &cfg.passphrase, crypto::KdfParams::generate).await?;
+        let kek =
+            blob::open_or_create_keyring(blob.store.as_ref(), &cfg.passphrase, crypto::KdfParams::generate).await?;
         let dir = cfg.journal_dir.clone();
         let max = cfg.cache_max_bytes;
         let journal = tokio::task::spawn_blocking(move || journal::Journal::open(&dir, max)).await??;
         metrics.cache_limit_bytes.set(cfg.cache_max_bytes as i64);
         metrics.cache_used_bytes.set(journal.cache_used() as i64);
-        let up = Arc::new(uploader::Uploader::new(journal.clone(), blob.clone(), kek.clone(), metrics.clone()));
+        let up = Arc::new(uploader::Uploader::new(
+            journal.clone(),
+            blob.clone(),
+            kek.clone(),
+            metrics.clone(),
+        ));
         let uploader = tokio::spawn(up.run(shutdown));
         let ingest = server::IngestState::new(journal.clone(), blob.clone(), kek, cfg.passphrase.clone(), metrics);
-        Ok(Self { journal, ingest, blob, uploader })
+        Ok(Self {
+            journal,
+            ingest,
+            blob,
+            uploader,
+        })
     }
 
     /// Waits for the uploader to stop (after shutdown).

@@ -62,14 +62,32 @@ pub struct IngestRecord {
 
 impl IngestRecord {
     pub fn write(disk: &str, offset: u64, data: Bytes) -> Self {
-        Self { kind: RecordKind::Write, disk: disk.to_owned(), offset, len: data.len() as u32, payload: data }
+        Self {
+            kind: RecordKind::Write,
+            disk: disk.to_owned(),
+            offset,
+            len: data.len() as u32,
+            payload: data,
+        }
     }
     pub fn zero(disk: &str, offset: u64, len: u32) -> Self {
-        Self { kind: RecordKind::Zero, disk: disk.to_owned(), offset, len, payload: Bytes::new() }
+        Self {
+            kind: RecordKind::Zero,
+            disk: disk.to_owned(),
+            offset,
+            len,
+            payload: Bytes::new(),
+        }
     }
     pub fn bookmark(label: &str) -> Self {
         let payload = Bytes::copy_from_slice(label.as_bytes());
-        Self { kind: RecordKind::Bookmark, disk: String::new(), offset: 0, len: payload.len() as u32, payload }
+        Self {
+            kind: RecordKind::Bookmark,
+            disk: String::new(),
+            offset: 0,
+            len: payload.len() as u32,
+            payload,
+        }
     }
     /// Bytes this record takes in a batch body.
     pub fn encoded_len(&self) -> usize {
@@ -126,7 +144,10 @@ pub fn encode_batch(records: &[IngestRecord]) -> Bytes {
 
 fn need(buf: &Bytes, at: usize, n: usize) -> Result<(), FrameError> {
     if buf.remaining() < n {
-        Err(FrameError::Truncated { at, needed: n - buf.remaining() })
+        Err(FrameError::Truncated {
+            at,
+            needed: n - buf.remaining(),
+        })
     } else {
         Ok(())
     }
@@ -166,7 +187,10 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
         let disk_len = buf.get_u8() as usize;
         need(&buf, total - buf.remaining(), disk_len + 16 + 4)?;
         let disk = std::str::from_utf8(&buf[..disk_len])
-            .map_err(|_| FrameError::BadRecord { index, reason: "disk name is not UTF-8" })?
+            .map_err(|_| FrameError::BadRecord {
+                index,
+                reason: "disk name is not UTF-8",
+            })?
             .to_owned();
         buf.advance(disk_len);
         let offset = buf.get_u64();
@@ -177,7 +201,10 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
             RecordKind::Zero => 0,
         };
         if payload_len > MAX_RECORD_BYTES {
-            return Err(FrameError::BadRecord { index, reason: "record payload exceeds the 8 MiB limit" });
+            return Err(FrameError::BadRecord {
+                index,
+                reason: "record payload exceeds the 8 MiB limit",
+            });
         }
         need(&buf, total - buf.remaining(), payload_len + 4)?;
         let payload = buf.split_to(payload_len);
@@ -186,21 +213,39 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
         }
         match kind {
             RecordKind::Write | RecordKind::Zero if disk.is_empty() => {
-                return Err(FrameError::BadRecord { index, reason: "write without a disk name" })
+                return Err(FrameError::BadRecord {
+                    index,
+                    reason: "write without a disk name",
+                })
             }
             RecordKind::Write | RecordKind::Zero if len == 0 => {
-                return Err(FrameError::BadRecord { index, reason: "empty write" })
+                return Err(FrameError::BadRecord {
+                    index,
+                    reason: "empty write",
+                })
             }
             RecordKind::Write | RecordKind::Zero if offset.checked_add(len as u64).is_none() => {
-                return Err(FrameError::BadRecord { index, reason: "offset + length overflows" })
+                return Err(FrameError::BadRecord {
+                    index,
+                    reason: "offset + length overflows",
+                })
             }
             _ => {}
         }
-        records.push(IngestRecord { kind, disk, offset, len, payload });
+        records.push(IngestRecord {
+            kind,
+            disk,
+            offset,
+            len,
+            payload,
+        });
         index += 1;
     }
     if buf.remaining() != 4 {
-        return Err(FrameError::CountMismatch { declared: count, found: index });
+        return Err(FrameError::CountMismatch {
+            declared: count,
+            found: index,
+        });
     }
     if crc32c::crc32c(&body[..total - 4]) != expected {
         return Err(FrameError::BadChecksum);
@@ -232,7 +277,13 @@ mod tests {
         for cut in 0..body.len() {
             let err = decode_batch(body.slice(..cut)).unwrap_err();
             assert!(
-                matches!(err, FrameError::Truncated { .. } | FrameError::BadChecksum | FrameError::CountMismatch { .. } | FrameError::BadRecordChecksum { .. }),
+                matches!(
+                    err,
+                    FrameError::Truncated { .. }
+                        | FrameError::BadChecksum
+                        | FrameError::CountMismatch { .. }
+                        | FrameError::BadRecordChecksum { .. }
+                ),
                 "cut at {cut}: {err:?}"
             );
         }
@@ -250,7 +301,10 @@ mod tests {
 
     #[test]
     fn oversized_and_wrong_magic() {
-        assert_eq!(decode_batch(Bytes::from(vec![0u8; MAX_BATCH_BYTES + 1])), Err(FrameError::TooLarge(MAX_BATCH_BYTES + 1)));
+        assert_eq!(
+            decode_batch(Bytes::from(vec![0u8; MAX_BATCH_BYTES + 1])),
+            Err(FrameError::TooLarge(MAX_BATCH_BYTES + 1))
+        );
         let mut body = encode_batch(&sample()).to_vec();
         body[0] = b'X';
         assert_eq!(decode_batch(Bytes::from(body)), Err(FrameError::BadMagic));

@@ -75,7 +75,14 @@ impl LogRecord {
             return Err(RecordError::Truncated);
         }
         let payload = buf.split_to(payload_len);
-        Ok(Self { kind, seq, time_ms, offset, len, payload })
+        Ok(Self {
+            kind,
+            seq,
+            time_ms,
+            offset,
+            len,
+            payload,
+        })
     }
 
     /// The journal value: the record followed by its CRC32C.

@@ -24,9 +24,18 @@ pub enum ReplayError {
     #[error("blob store: {0}")]
     Store(#[from] object_store::Error),
     #[error("segment {name} belongs to {found}, not {expected}")]
-    Misplaced { name: String, found: String, expected: String },
+    Misplaced {
+        name: String,
+        found: String,
+        expected: String,
+    },
     #[error("the log of {machine}/{disk} has a gap: sequence {expected} is missing (next segment starts at {found})")]
-    Gap { machine: String, disk: String, expected: u64, found: u64 },
+    Gap {
+        machine: String,
+        disk: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("record seq {seq} writes {offset}+{len}, beyond the {size}-byte image")]
     OutOfRange { seq: u64, offset: u64, len: u64, size: u64 },
     #[error("data key {key_id} of {machine}/{disk} is not in blob storage")]
@@ -55,7 +64,12 @@ pub async fn list_segments(store: &dyn ObjectStore, machine: &str, disk: &str) -
         .into_iter()
         .filter_map(|m| {
             let (first_seq, last_seq) = layout::parse_segment_name(&m.location)?;
-            Some(SegmentRef { path: m.location, first_seq, last_seq, size: m.size })
+            Some(SegmentRef {
+                path: m.location,
+                first_seq,
+                last_seq,
+                size: m.size,
+            })
         })
         .collect();
     out.sort_by_key(|s| (s.first_seq, s.last_seq));
@@ -63,21 +77,39 @@ pub async fn list_segments(store: &dyn ObjectStore, machine: &str, disk: &str) -
 }
 
 /// Reads, authenticates and decodes one whole segment.
-pub async fn read_segment(store: &dyn ObjectStore, kek: &Key, keys: &mut HashMap<u32, Key>, machine: &str, disk: &str, seg: &SegmentRef) -> Result<Vec<LogRecord>, ReplayError> {
+pub async fn read_segment(
+    store: &dyn ObjectStore,
+    kek: &Key,
+    keys: &mut HashMap<u32, Key>,
+    machine: &str,
+    disk: &str,
+    seg: &SegmentRef,
+) -> Result<Vec<LogRecord>, ReplayError> {
     let name = seg.path.to_string();
     let data = store.get(&seg.path).await?.bytes().await?;
     let (header, _) = crate::segment::SegmentHeader::decode(&data, &name)?;
-    if header.machine != machine || header.disk != disk || header.first_seq != seg.first_seq || header.last_seq != seg.last_seq {
+    if header.machine != machine
+        || header.disk != disk
+        || header.first_seq != seg.first_seq
+        || header.last_seq != seg.last_seq
+    {
         return Err(ReplayError::Misplaced {
             name,
-            found: format!("{}/{} seq {}..={}", header.machine, header.disk, header.first_seq, header.last_seq),
+            found: format!(
+                "{}/{} seq {}..={}",
+                header.machine, header.disk, header.first_seq, header.last_seq
+            ),
             expected: format!("{machine}/{disk} seq {}..={}", seg.first_seq, seg.last_seq),
         });
     }
     if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(header.key_id) {
         let k = blob::get_data_key(store, kek, machine, disk, header.key_id)
             .await?
-            .ok_or_else(|| ReplayError::MissingKey { machine: machine.into(), disk: disk.into(), key_id: header.key_id })?;
+            .ok_or_else(|| ReplayError::MissingKey {
+                machine: machine.into(),
+                disk: disk.into(),
+                key_id: header.key_id,
+            })?;
         e.insert(k);
     }
     let key = keys[&header.key_id].clone();
@@ -103,9 +135,25 @@ pub struct ReplayOutcome {
 
 /// Applies `machine/disk`'s log, up to and including `until_seq` (all of it if `None`), onto the
 /// image at `image` (created or truncated to `size` bytes, starting from zeros).
-pub async fn replay_disk(store: &dyn ObjectStore, kek: &Key, machine: &str, disk: &str, size: u64, until_seq: Option<u64>, image: &Path) -> Result<ReplayOutcome, ReplayError> {
-    let io = |source| ReplayError::Io { path: image.display().to_string(), source };
-    let file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(image).map_err(io)?;
+pub async fn replay_disk(
+    store: &dyn ObjectStore,
+    kek: &Key,
+    machine: &str,
+    disk: &str,
+    size: u64,
+    until_seq: Option<u64>,
+    image: &Path,
+) -> Result<ReplayOutcome, ReplayError> {
+    let io = |source| ReplayError::Io {
+        path: image.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(image)
+        .map_err(io)?;
     file.set_len(size).map_err(io)?;
     let until = until_seq.unwrap_or(u64::MAX);
     let mut keys = HashMap::new();
@@ -119,20 +167,32 @@ pub async fn replay_disk(store: &dyn ObjectStore, kek: &Key, machine: &str, disk
             break;
         }
         if seg.first_seq > outcome.last_seq + 1 {
-            return Err(ReplayError::Gap { machine: machine.into(), disk: disk.into(), expected: outcome.last_seq + 1, found: seg.first_seq });
+            return Err(ReplayError::Gap {
+                machine: machine.into(),
+                disk: disk.into(),
+                expected: outcome.last_seq + 1,
+                found: seg.first_seq,
+            });
         }
         let records = read_segment(store, kek, &mut keys, machine, disk, &seg).await?;
         outcome.segments += 1;
         let applied_through = outcome.last_seq;
-        let todo: Vec<LogRecord> = records.into_iter().filter(|r| r.seq > applied_through && r.seq <= until).collect();
+        let todo: Vec<LogRecord> = records
+            .into_iter()
+            .filter(|r| r.seq > applied_through && r.seq <= until)
+            .collect();
         for r in &todo {
             if r.kind == RecordKind::Bookmark {
-                outcome.bookmarks.push((r.seq, r.offset, String::from_utf8_lossy(&r.payload).into_owned()));
+                outcome
+                    .bookmarks
+                    .push((r.seq, r.offset, String::from_utf8_lossy(&r.payload).into_owned()));
             }
         }
         let f = file.clone();
         let path = image.display().to_string();
-        let (n, last) = tokio::task::spawn_blocking(move || apply_records(&f, &todo, size, &path)).await.expect("apply task")?;
+        let (n, last) = tokio::task::spawn_blocking(move || apply_records(&f, &todo, size, &path))
+            .await
+            .expect("apply task")?;
         outcome.records += n;
         if last > outcome.last_seq {
             outcome.last_seq = last;
@@ -146,8 +206,16 @@ pub async fn replay_disk(store: &dyn ObjectStore, kek: &Key, machine: &str, disk
 }
 
 /// Writes records onto an image; returns how many and the last seq.
-pub fn apply_records(file: &std::fs::File, records: &[LogRecord], size: u64, path: &str) -> Result<(u64, u64), ReplayError> {
-    let io = |source| ReplayError::Io { path: path.to_owned(), source };
+pub fn apply_records(
+    file: &std::fs::File,
+    records: &[LogRecord],
+    size: u64,
+    path: &str,
+) -> Result<(u64, u64), ReplayError> {
+    let io = |source| ReplayError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let zeros = vec![0u8; 1 << 20];
     let mut last = 0;
     for r in records {
@@ -156,7 +224,12 @@ pub fn apply_records(file: &std::fs::File, records: &[LogRecord], size: u64, pat
             RecordKind::Bookmark => {}
             RecordKind::Write | RecordKind::Zero => {
                 if r.end() > size || (r.kind == RecordKind::Write && r.payload.len() != r.len as usize) {
-                    return Err(ReplayError::OutOfRange { seq: r.seq, offset: r.offset, len: r.len as u64, size });
+                    return Err(ReplayError::OutOfRange {
+                        seq: r.seq,
+                        offset: r.offset,
+                        len: r.len as u64,
+                        size,
+                    });
                 }
                 if r.kind == RecordKind::Write {
                     file.write_all_at(&r.payload, r.offset).map_err(io)?;

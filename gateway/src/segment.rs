@@ -87,7 +87,10 @@ impl SegmentHeader {
 
     /// Parses a header from the front of `data`; returns it and its encoded length.
     pub fn decode(data: &[u8], name: &str) -> Result<(Self, usize), SegmentError> {
-        let corrupt = |reason: &str| SegmentError::Corrupt { name: name.to_owned(), reason: reason.to_owned() };
+        let corrupt = |reason: &str| SegmentError::Corrupt {
+            name: name.to_owned(),
+            reason: reason.to_owned(),
+        };
         let mut b = data;
         let take = |b: &mut &[u8], n: usize| -> Result<(), SegmentError> {
             if b.remaining() < n {
@@ -226,7 +229,12 @@ pub fn build_segment(
         out.extend_from_slice(bytes);
     }
     let index_offset = out.len() as u64;
-    let sealed_index = crypto::seal(key, crypto::chunk_nonce(counter, INDEX_NONCE_INDEX), &header_bytes, &index);
+    let sealed_index = crypto::seal(
+        key,
+        crypto::chunk_nonce(counter, INDEX_NONCE_INDEX),
+        &header_bytes,
+        &index,
+    );
     out.extend_from_slice(&sealed_index);
     let mut trailer = Vec::with_capacity(TRAILER_LEN);
     trailer.put_u64(index_offset);
@@ -248,7 +256,10 @@ pub struct SegmentIndex {
 
 /// Parses the trailer (the last `TRAILER_LEN` bytes): index offset and length.
 pub fn parse_trailer(trailer: &[u8], name: &str) -> Result<(u64, u32), SegmentError> {
-    let corrupt = |reason: &str| SegmentError::Corrupt { name: name.to_owned(), reason: reason.to_owned() };
+    let corrupt = |reason: &str| SegmentError::Corrupt {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
     if trailer.len() != TRAILER_LEN {
         return Err(corrupt("truncated trailer"));
     }
@@ -266,14 +277,23 @@ pub fn parse_trailer(trailer: &[u8], name: &str) -> Result<(u64, u32), SegmentEr
 
 impl SegmentIndex {
     /// Reads header, trailer and index from a whole segment object.
-    pub fn from_object(data: &[u8], key_for: impl Fn(&SegmentHeader) -> Result<Key, SegmentError>, name: &str) -> Result<(Self, Key), SegmentError> {
-        let corrupt = |reason: String| SegmentError::Corrupt { name: name.to_owned(), reason };
+    pub fn from_object(
+        data: &[u8],
+        key_for: impl Fn(&SegmentHeader) -> Result<Key, SegmentError>,
+        name: &str,
+    ) -> Result<(Self, Key), SegmentError> {
+        let corrupt = |reason: String| SegmentError::Corrupt {
+            name: name.to_owned(),
+            reason,
+        };
         let (header, hlen) = SegmentHeader::decode(data, name)?;
         if data.len() < hlen + TRAILER_LEN {
             return Err(corrupt("truncated segment".into()));
         }
         let (ioff, ilen) = parse_trailer(&data[data.len() - TRAILER_LEN..], name)?;
-        let iend = ioff.checked_add(ilen as u64).ok_or_else(|| corrupt("index range overflows".into()))?;
+        let iend = ioff
+            .checked_add(ilen as u64)
+            .ok_or_else(|| corrupt("index range overflows".into()))?;
         if ioff < hlen as u64 || iend != (data.len() - TRAILER_LEN) as u64 {
             return Err(corrupt("index range outside the segment".into()));
         }
@@ -284,8 +304,17 @@ impl SegmentIndex {
     }
 
     /// Authenticates and parses the sealed index.
-    pub fn open_index(header: &SegmentHeader, header_bytes: Vec<u8>, key: &Key, sealed: &[u8], name: &str) -> Result<Self, SegmentError> {
-        let corrupt = |reason: String| SegmentError::Corrupt { name: name.to_owned(), reason };
+    pub fn open_index(
+        header: &SegmentHeader,
+        header_bytes: Vec<u8>,
+        key: &Key,
+        sealed: &[u8],
+        name: &str,
+    ) -> Result<Self, SegmentError> {
+        let corrupt = |reason: String| SegmentError::Corrupt {
+            name: name.to_owned(),
+            reason,
+        };
         let plain = crypto::open(
             key,
             crypto::chunk_nonce(header.counter, INDEX_NONCE_INDEX),
@@ -293,9 +322,16 @@ impl SegmentIndex {
             sealed,
             &format!("{name} (index)"),
         )
-        .map_err(|source| SegmentError::Crypto { name: name.to_owned(), source })?;
+        .map_err(|source| SegmentError::Crypto {
+            name: name.to_owned(),
+            source,
+        })?;
         if plain.len() != header.chunk_count as usize * INDEX_ENTRY_LEN {
-            return Err(corrupt(format!("index holds {} bytes for {} chunks", plain.len(), header.chunk_count)));
+            return Err(corrupt(format!(
+                "index holds {} bytes for {} chunks",
+                plain.len(),
+                header.chunk_count
+            )));
         }
         let mut b = plain.as_slice();
         let mut chunks = Vec::with_capacity(header.chunk_count as usize);
@@ -310,12 +346,19 @@ impl SegmentIndex {
                 max_end: b.get_u64(),
             });
         }
-        Ok(Self { header: header.clone(), header_bytes, chunks })
+        Ok(Self {
+            header: header.clone(),
+            header_bytes,
+            chunks,
+        })
     }
 
     /// Authenticates, decompresses and decodes chunk `i` from its sealed bytes.
     pub fn open_chunk(&self, key: &Key, i: usize, sealed: &[u8], name: &str) -> Result<Vec<LogRecord>, SegmentError> {
-        let corrupt = |reason: String| SegmentError::Corrupt { name: name.to_owned(), reason };
+        let corrupt = |reason: String| SegmentError::Corrupt {
+            name: name.to_owned(),
+            reason,
+        };
         let entry = self.chunks.get(i).ok_or_else(|| corrupt(format!("no chunk {i}")))?;
         let compressed = crypto::open(
             key,
@@ -324,11 +367,18 @@ impl SegmentIndex {
             sealed,
             &format!("{name} (chunk {i})"),
         )
-        .map_err(|source| SegmentError::Crypto { name: name.to_owned(), source })?;
+        .map_err(|source| SegmentError::Crypto {
+            name: name.to_owned(),
+            source,
+        })?;
         let raw = zstd::bulk::decompress(&compressed, entry.raw_len as usize)
             .map_err(|e| corrupt(format!("chunk {i} does not decompress: {e}")))?;
         if raw.len() != entry.raw_len as usize {
-            return Err(corrupt(format!("chunk {i} decompressed to {} bytes, index says {}", raw.len(), entry.raw_len)));
+            return Err(corrupt(format!(
+                "chunk {i} decompressed to {} bytes, index says {}",
+                raw.len(),
+                entry.raw_len
+            )));
         }
         let mut b = Bytes::from(raw);
         let mut out = Vec::new();
@@ -341,10 +391,16 @@ impl SegmentIndex {
 
     /// Decodes every record of a whole segment object, checking sequence order and range.
     pub fn read_all(&self, key: &Key, data: &[u8], name: &str) -> Result<Vec<LogRecord>, SegmentError> {
-        let corrupt = |reason: String| SegmentError::Corrupt { name: name.to_owned(), reason };
+        let corrupt = |reason: String| SegmentError::Corrupt {
+            name: name.to_owned(),
+            reason,
+        };
         let mut out = Vec::new();
         for (i, c) in self.chunks.iter().enumerate() {
-            let end = c.offset.checked_add(c.sealed_len as u64).filter(|e| *e <= data.len() as u64);
+            let end = c
+                .offset
+                .checked_add(c.sealed_len as u64)
+                .filter(|e| *e <= data.len() as u64);
             let end = end.ok_or_else(|| corrupt(format!("chunk {i} lies outside the object")))?;
             out.extend(self.open_chunk(key, i, &data[c.offset as usize..end as usize], name)?);
         }
@@ -397,7 +453,8 @@ mod tests {
         for i in (0..seg.len()).step_by(7) {
             let mut bad = seg.to_vec();
             bad[i] ^= 0x01;
-            let res = SegmentIndex::from_object(&bad, |_| Ok(key.clone()), "s").and_then(|(idx, k)| idx.read_all(&k, &bad, "s"));
+            let res = SegmentIndex::from_object(&bad, |_| Ok(key.clone()), "s")
+                .and_then(|(idx, k)| idx.read_all(&k, &bad, "s"));
             assert!(res.is_err(), "flip at byte {i} of {} was accepted", seg.len());
         }
     }

@@ -49,7 +49,15 @@ pub struct IngestState {
 
 impl IngestState {
     pub fn new(journal: Journal, blob: BlobStore, kek: Key, passphrase: String, metrics: GatewayMetrics) -> Arc<Self> {
-        Arc::new(Self { journal, blob, kek, passphrase, metrics, tokens: Mutex::new(HashMap::new()), disk_setup: Mutex::new(()) })
+        Arc::new(Self {
+            journal,
+            blob,
+            kek,
+            passphrase,
+            metrics,
+            tokens: Mutex::new(HashMap::new()),
+            disk_setup: Mutex::new(()),
+        })
     }
 }
 
@@ -68,7 +76,11 @@ pub struct ErrorBody {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), retry_after: None }
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 }
 
@@ -91,7 +103,11 @@ impl From<JournalError> for ApiError {
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let retry_after = matches!(e, JournalError::CacheFull { .. }).then_some(1);
-        Self { status, message: e.to_string(), retry_after }
+        Self {
+            status,
+            message: e.to_string(),
+            retry_after,
+        }
     }
 }
 
@@ -100,20 +116,28 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
     if valid_name(name) {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::BAD_REQUEST, format!("invalid {kind} name {name:?}: use 1-64 letters, digits, '-', '_' or '.'")))
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid {kind} name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"),
+        ))
     }
 }
 
 pub fn router(state: Arc<IngestState>) -> Router {
     Router::new()
-        .route("/v1/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/v1/register", post(register))
         .route("/v1/machines/{machine}/disks/{disk}", put(register_disk))
         .route("/v1/machines/{machine}/disks/{disk}/checksums", get(checksums))
@@ -140,15 +164,25 @@ pub struct RegisterResponse {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     // Compare digests so the time does not depend on where the inputs differ, nor on length.
     let (da, db) = (blake3::hash(a), blake3::hash(b));
-    da.as_bytes().iter().zip(db.as_bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    da.as_bytes()
+        .iter()
+        .zip(db.as_bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
-async fn register(State(s): State<Arc<IngestState>>, Json(req): Json<RegisterRequest>) -> Result<Json<RegisterResponse>, ApiError> {
+async fn register(
+    State(s): State<Arc<IngestState>>,
+    Json(req): Json<RegisterRequest>,
+) -> Result<Json<RegisterResponse>, ApiError> {
     check_name("machine", &req.machine)?;
     if !constant_time_eq(req.passphrase.as_bytes(), s.passphrase.as_bytes()) {
         s.metrics.ingest_rejected.with_label_values(&["unauthorized"]).inc();
         tracing::warn!(machine = %req.machine, "agent registration refused: wrong passphrase");
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "registration refused: wrong passphrase"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "registration refused: wrong passphrase",
+        ));
     }
     let mut raw = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut raw);
@@ -157,12 +191,20 @@ async fn register(State(s): State<Arc<IngestState>>, Json(req): Json<RegisterReq
     s.journal.add_token(hash, &req.machine).await?;
     s.tokens.lock().await.insert(hash, req.machine.clone());
     tracing::info!(machine = %req.machine, agent_version = %req.agent_version, "agent registered");
-    Ok(Json(RegisterResponse { machine: req.machine, token }))
+    Ok(Json(RegisterResponse {
+        machine: req.machine,
+        token,
+    }))
 }
 
 /// Checks the bearer token and that it belongs to `machine`.
 async fn authorize(s: &IngestState, headers: &HeaderMap, machine: &str) -> Result<(), ApiError> {
-    let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "missing or unknown agent token: register first");
+    let unauthorized = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown agent token: register first",
+        )
+    };
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -174,14 +216,19 @@ async fn authorize(s: &IngestState, headers: &HeaderMap, machine: &str) -> Resul
         Some(m) => m,
         None => {
             let j = s.journal.clone();
-            let found = tokio::task::spawn_blocking(move || j.token_machine(&hash)).await.expect("token lookup")?;
+            let found = tokio::task::spawn_blocking(move || j.token_machine(&hash))
+                .await
+                .expect("token lookup")?;
             let m = found.ok_or_else(unauthorized)?;
             s.tokens.lock().await.insert(hash, m.clone());
             m
         }
     };
     if owner != machine {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, format!("this token belongs to machine {owner:?}, not {machine:?}")));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("this token belongs to machine {owner:?}, not {machine:?}"),
+        ));
     }
     Ok(())
 }
@@ -210,7 +257,12 @@ pub struct DiskDescriptor {
     pub size: u64,
 }
 
-async fn register_disk(State(s): State<Arc<IngestState>>, Path((machine, disk)): Path<(String, String)>, headers: HeaderMap, Json(req): Json<DiskRequest>) -> Result<Json<DiskResponse>, ApiError> {
+async fn register_disk(
+    State(s): State<Arc<IngestState>>,
+    Path((machine, disk)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(req): Json<DiskRequest>,
+) -> Result<Json<DiskResponse>, ApiError> {
     check_name("machine", &machine)?;
     check_name("disk", &disk)?;
     authorize(&s, &headers, &machine).await?;
@@ -219,10 +271,21 @@ async fn register_disk(State(s): State<Arc<IngestState>>, Path((machine, disk)):
     }
     let _guard = s.disk_setup.lock().await;
     let store = s.blob.store.as_ref();
-    let unavailable = |e: blob::BlobError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("blob storage unavailable: {e}"));
+    let unavailable = |e: blob::BlobError| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("blob storage unavailable: {e}"),
+        )
+    };
     let existing = s.journal.disk(&machine, &disk);
     if let Some(d) = existing.as_ref().filter(|d| d.size == req.size) {
-        return Ok(Json(DiskResponse { machine, disk, size: d.size, block_size: journal::BLOCK_SIZE, next_seq: d.next_seq }));
+        return Ok(Json(DiskResponse {
+            machine,
+            disk,
+            size: d.size,
+            block_size: journal::BLOCK_SIZE,
+            next_seq: d.next_seq,
+        }));
     }
     let key_id = match existing {
         Some(d) => d.key_id,
@@ -234,24 +297,47 @@ async fn register_disk(State(s): State<Arc<IngestState>>, Path((machine, disk)):
             key_id
         }
     };
-    let descriptor = DiskDescriptor { format: "lifeboat-disk".into(), version: 1, machine: machine.clone(), disk: disk.clone(), size: req.size };
+    let descriptor = DiskDescriptor {
+        format: "lifeboat-disk".into(),
+        version: 1,
+        machine: machine.clone(),
+        disk: disk.clone(),
+        size: req.size,
+    };
     let path = object_store::path::Path::from(format!("{}/disk.json", blob::layout::disk_prefix(&machine, &disk)));
     s.blob
-        .put_durable(&path, Bytes::from(serde_json::to_vec_pretty(&descriptor).expect("json")))
+        .put_durable(
+            &path,
+            Bytes::from(serde_json::to_vec_pretty(&descriptor).expect("json")),
+        )
         .await
         .map_err(|e| unavailable(e.into()))?;
     let d = s.journal.register_disk(&machine, &disk, req.size, key_id).await?;
-    Ok(Json(DiskResponse { machine, disk, size: d.size, block_size: journal::BLOCK_SIZE, next_seq: d.next_seq }))
+    Ok(Json(DiskResponse {
+        machine,
+        disk,
+        size: d.size,
+        block_size: journal::BLOCK_SIZE,
+        next_seq: d.next_seq,
+    }))
 }
 
-async fn checksums(State(s): State<Arc<IngestState>>, Path((machine, disk)): Path<(String, String)>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn checksums(
+    State(s): State<Arc<IngestState>>,
+    Path((machine, disk)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     authorize(&s, &headers, &machine).await?;
-    let d = s
-        .journal
-        .disk(&machine, &disk)
-        .ok_or_else(|| ApiError::from(JournalError::UnknownDisk { machine: machine.clone(), disk: disk.clone() }))?;
+    let d = s.journal.disk(&machine, &disk).ok_or_else(|| {
+        ApiError::from(JournalError::UnknownDisk {
+            machine: machine.clone(),
+            disk: disk.clone(),
+        })
+    })?;
     let j = s.journal.clone();
-    let sums = tokio::task::spawn_blocking(move || j.checksums(&d)).await.expect("checksums task")?;
+    let sums = tokio::task::spawn_blocking(move || j.checksums(&d))
+        .await
+        .expect("checksums task")?;
     Ok(([("content-type", "application/octet-stream")], sums).into_response())
 }
 
@@ -260,13 +346,23 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Result<u64, ApiError> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("missing or malformed {name} header (hex u64)")))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("missing or malformed {name} header (hex u64)"),
+            )
+        })
 }
 
 /// How long a batch waits for cache space before the server answers 503.
 const HOLD_WHEN_FULL: Duration = Duration::from_secs(5);
 
-async fn batch(State(s): State<Arc<IngestState>>, Path(machine): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Json<journal::Ack>, ApiError> {
+async fn batch(
+    State(s): State<Arc<IngestState>>,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<journal::Ack>, ApiError> {
     let started = Instant::now();
     authorize(&s, &headers, &machine).await?;
     let session = header_u64(&headers, "x-lifeboat-session")?;
@@ -290,7 +386,10 @@ async fn batch(State(s): State<Arc<IngestState>>, Path(machine): Path<String>, h
         tracing::warn!(machine = %machine, error = %e, "malformed batch refused");
         ApiError::new(StatusCode::BAD_REQUEST, format!("malformed batch: {e}"))
     })?;
-    let per_disk: Vec<(String, u64)> = prepared.iter().map(|p| (p.record.disk.clone(), p.record.payload.len() as u64)).collect();
+    let per_disk: Vec<(String, u64)> = prepared
+        .iter()
+        .map(|p| (p.record.disk.clone(), p.record.payload.len() as u64))
+        .collect();
     let mut prepared = Some(prepared);
     let deadline = Instant::now() + HOLD_WHEN_FULL;
     let ack = loop {
@@ -305,7 +404,11 @@ async fn batch(State(s): State<Arc<IngestState>>, Path(machine): Path<String>, h
                 let _ = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), freed).await;
             }
             Err(e) => {
-                let reason = if matches!(e, JournalError::CacheFull { .. }) { "cache_full" } else { "refused" };
+                let reason = if matches!(e, JournalError::CacheFull { .. }) {
+                    "cache_full"
+                } else {
+                    "refused"
+                };
                 s.metrics.ingest_rejected.with_label_values(&[reason]).inc();
                 return Err(e.into());
             }
@@ -330,24 +433,43 @@ pub struct BookmarkRequest {
     pub label: String,
 }
 
-async fn bookmark(State(s): State<Arc<IngestState>>, Path(machine): Path<String>, headers: HeaderMap, Json(req): Json<BookmarkRequest>) -> Result<Json<journal::Ack>, ApiError> {
+async fn bookmark(
+    State(s): State<Arc<IngestState>>,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<BookmarkRequest>,
+) -> Result<Json<journal::Ack>, ApiError> {
     authorize(&s, &headers, &machine).await?;
     if req.label.len() > 200 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bookmark label longer than 200 bytes"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bookmark label longer than 200 bytes",
+        ));
     }
     if s.journal.disks().iter().all(|d| d.machine != machine) {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("machine {machine:?} has no disks yet: sync before bookmarking")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("machine {machine:?} has no disks yet: sync before bookmarking"),
+        ));
     }
     let record = protocol::IngestRecord::bookmark(&req.label);
     let mut raw = [0u8; 8];
     rand::thread_rng().fill_bytes(&mut raw);
-    let ack = s.journal.commit(&machine, u64::from_be_bytes(raw), 0, vec![journal::prepare(record, 0)]).await?;
+    let ack = s
+        .journal
+        .commit(&machine, u64::from_be_bytes(raw), 0, vec![journal::prepare(record, 0)])
+        .await?;
     Ok(Json(ack))
 }
 
 /// Serves `router` over TLS on `listener` until `shutdown` turns true. Each connection runs in
 /// its own task; a failed handshake or a broken connection is logged and forgotten.
-pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
@@ -375,7 +497,9 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ro
             };
             let service = hyper_util::service::TowerToHyperService::new(router);
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
             {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

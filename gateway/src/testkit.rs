@@ -9,7 +9,9 @@ use std::path::Path;
 pub fn make_disk(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut data = vec![0u8; size as usize];
-    let words = ["lifeboat", "replica", "segment", "journal", "the", "of", "disk", "block", "recovery", "point", "\n", "  "];
+    let words = [
+        "lifeboat", "replica", "segment", "journal", "the", "of", "disk", "block", "recovery", "point", "\n", "  ",
+    ];
     let mut off = 0usize;
     while off < data.len() {
         let run = (rng.gen_range(16..512) * 1024).min(data.len() - off);
@@ -56,4 +58,3 @@ pub fn scribble(path: &Path, count: usize, seed: u64) -> std::io::Result<()> {
     f.write_all_at(b"tail of the disk", size - 16)?;
     f.sync_all()
 }
-

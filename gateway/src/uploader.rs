@@ -30,7 +30,11 @@ pub struct BlobStore {
 impl BlobStore {
     /// Puts an object; on a local folder the file and its directory are fsynced before return,
     /// since the journal drops its copy right after.
-    pub async fn put_durable(&self, path: &object_store::path::Path, data: bytes::Bytes) -> Result<(), object_store::Error> {
+    pub async fn put_durable(
+        &self,
+        path: &object_store::path::Path,
+        data: bytes::Bytes,
+    ) -> Result<(), object_store::Error> {
         self.store.put(path, PutPayload::from(data)).await?;
         if let Some(root) = &self.local_root {
             let file = root.join(path.as_ref());
@@ -43,7 +47,10 @@ impl BlobStore {
             })
             .await
             .expect("fsync task")
-            .map_err(|e| object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })?;
+            .map_err(|e| object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            })?;
         }
         Ok(())
     }
@@ -63,7 +70,13 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Uploader {
     pub fn new(journal: Journal, blob: BlobStore, kek: Key, metrics: GatewayMetrics) -> Self {
-        Self { journal, blob, kek, keys: Mutex::new(HashMap::new()), metrics }
+        Self {
+            journal,
+            blob,
+            kek,
+            keys: Mutex::new(HashMap::new()),
+            metrics,
+        }
     }
 
     /// Runs until `shutdown` turns true. A segment in flight at shutdown is left as a plan and
@@ -127,7 +140,13 @@ impl Uploader {
         }
         let k = blob::get_data_key(self.blob.store.as_ref(), &self.kek, &disk.machine, &disk.disk, key_id)
             .await?
-            .ok_or_else(|| anyhow::anyhow!("data key {key_id} of {}/{} is missing from blob storage", disk.machine, disk.disk))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "data key {key_id} of {}/{} is missing from blob storage",
+                    disk.machine,
+                    disk.disk
+                )
+            })?;
         self.keys.lock().await.insert((disk.id, key_id), k.clone());
         Ok(k)
     }
@@ -137,12 +156,17 @@ impl Uploader {
         let id = disk.id;
         let (plan, records) = match existing {
             Some(plan) => {
-                let recs = tokio::task::spawn_blocking(move || journal.read_records(id, plan.first_seq, plan.last_seq, usize::MAX)).await??;
+                let recs = tokio::task::spawn_blocking(move || {
+                    journal.read_records(id, plan.first_seq, plan.last_seq, usize::MAX)
+                })
+                .await??;
                 (plan, recs)
             }
             None => {
                 let from = disk.uploaded_through + 1;
-                let recs = tokio::task::spawn_blocking(move || journal.read_records(id, from, u64::MAX, SEGMENT_MAX_BYTES)).await??;
+                let recs =
+                    tokio::task::spawn_blocking(move || journal.read_records(id, from, u64::MAX, SEGMENT_MAX_BYTES))
+                        .await??;
                 let (Some(first), Some(last)) = (recs.first(), recs.last()) else {
                     return Ok(false);
                 };
@@ -156,13 +180,21 @@ impl Uploader {
         };
         let expected = plan.last_seq - plan.first_seq + 1;
         if records.len() as u64 != expected || records.first().map(|r| r.seq) != Some(plan.first_seq) {
-            anyhow::bail!("journal of disk {id} holds {} of the {expected} records of seq {}..={}", records.len(), plan.first_seq, plan.last_seq);
+            anyhow::bail!(
+                "journal of disk {id} holds {} of the {expected} records of seq {}..={}",
+                records.len(),
+                plan.first_seq,
+                plan.last_seq
+            );
         }
         let key = self.data_key(disk, disk.key_id).await?;
         let raw: usize = records.iter().map(|r| r.encoded_len()).sum();
         let journal_bytes = (raw + 4 * records.len()) as u64;
         let (machine, diskname, key_id) = (disk.machine.clone(), disk.disk.clone(), disk.key_id);
-        let (_, bytes) = tokio::task::spawn_blocking(move || segment::build_segment(&machine, &diskname, key_id, plan.counter, &key, &records)).await?;
+        let (_, bytes) = tokio::task::spawn_blocking(move || {
+            segment::build_segment(&machine, &diskname, key_id, plan.counter, &key, &records)
+        })
+        .await?;
         let path = layout::segment(&disk.machine, &disk.disk, plan.first_seq, plan.last_seq);
         let len = bytes.len();
         self.blob.put_durable(&path, bytes).await?;

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 pub const PASSPHRASE: &str = "test-passphrase-lifeboat";
 pub const MIB: u64 = 1 << 20;
 
@@ -45,7 +44,10 @@ impl BlobTarget {
             BlobTarget::Azurite { port, container } => {
                 o.insert("azure_storage_account_name".into(), AZURITE_ACCOUNT.into());
                 o.insert("azure_storage_account_key".into(), AZURITE_KEY.into());
-                o.insert("azure_storage_endpoint".into(), format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"));
+                o.insert(
+                    "azure_storage_endpoint".into(),
+                    format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"),
+                );
                 o.insert("azure_allow_http".into(), "true".into());
                 (format!("az://{container}"), o)
             }
@@ -105,9 +107,17 @@ impl Appliance {
             }
             for _ in lines {}
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("lifeboat serve did not become ready"));
-        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
-        let get = |k: &str| ready[k].as_str().unwrap_or_else(|| panic!("ready line lacks {k}: {line}")).to_string();
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("lifeboat serve did not become ready"));
+        let ready: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+        let get = |k: &str| {
+            ready[k]
+                .as_str()
+                .unwrap_or_else(|| panic!("ready line lacks {k}: {line}"))
+                .to_string()
+        };
         Self {
             replication: get("replication"),
             management: get("management"),
@@ -142,7 +152,10 @@ impl Appliance {
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if c.try_wait().unwrap().is_some() {
@@ -178,8 +191,13 @@ impl Appliance {
             c.arg("--disk").arg(d);
         }
         let out = c.arg("--json").output().unwrap();
-        assert!(out.status.success(), "agent sync failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("summary {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+        assert!(
+            out.status.success(),
+            "agent sync failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("summary {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
     }
 
     /// Fetches `/metrics` as text.
@@ -214,29 +232,55 @@ pub fn http_get(addr: &str, path: &str) -> String {
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
+#[allow(unused_imports)]
 pub use gateway::testkit::{make_disk, scribble};
 
 /// Waits until blob storage holds `machine/disk`'s log through `seq`.
-pub async fn wait_uploaded(store: &dyn object_store::ObjectStore, machine: &str, disk: &str, seq: u64, timeout: Duration) {
+pub async fn wait_uploaded(
+    store: &dyn object_store::ObjectStore,
+    machine: &str,
+    disk: &str,
+    seq: u64,
+    timeout: Duration,
+) {
     let deadline = Instant::now() + timeout;
     loop {
-        let segs = gateway::replay::list_segments(store, machine, disk).await.unwrap_or_default();
+        let segs = gateway::replay::list_segments(store, machine, disk)
+            .await
+            .unwrap_or_default();
         let through = segs.iter().map(|s| s.last_seq).max().unwrap_or(0);
         if through >= seq {
             return;
         }
-        assert!(Instant::now() < deadline, "blob storage holds {machine}/{disk} only through seq {through}, waited for {seq}");
+        assert!(
+            Instant::now() < deadline,
+            "blob storage holds {machine}/{disk} only through seq {through}, waited for {seq}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Replays `machine/disk` from blob storage through `until` into `out` and returns its bytes.
-pub async fn replay(store: &dyn object_store::ObjectStore, machine: &str, disk: &str, size: u64, until: Option<u64>, out: &Path) -> Vec<u8> {
-    let kek = gateway::blob::open_keyring(store, PASSPHRASE).await.unwrap().expect("keyring in blob storage");
-    gateway::replay::replay_disk(store, &kek, machine, disk, size, until, out).await.unwrap();
+pub async fn replay(
+    store: &dyn object_store::ObjectStore,
+    machine: &str,
+    disk: &str,
+    size: u64,
+    until: Option<u64>,
+    out: &Path,
+) -> Vec<u8> {
+    let kek = gateway::blob::open_keyring(store, PASSPHRASE)
+        .await
+        .unwrap()
+        .expect("keyring in blob storage");
+    gateway::replay::replay_disk(store, &kek, machine, disk, size, until, out)
+        .await
+        .unwrap();
     std::fs::read(out).unwrap()
 }
 
@@ -244,7 +288,11 @@ pub async fn replay(store: &dyn object_store::ObjectStore, machine: &str, disk: 
 pub fn assert_same_image(actual: &[u8], expected: &[u8], what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: sizes differ");
     if actual != expected {
-        let block = actual.chunks(4096).zip(expected.chunks(4096)).position(|(a, b)| a != b).unwrap();
+        let block = actual
+            .chunks(4096)
+            .zip(expected.chunks(4096))
+            .position(|(a, b)| a != b)
+            .unwrap();
         panic!("{what}: images differ, first at byte {}", block * 4096);
     }
 }
@@ -257,7 +305,8 @@ pub struct Azurite {
 }
 
 pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
-pub const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 fn azurite_bin() -> PathBuf {
     if let Ok(p) = std::env::var("AZURITE_BIN") {
@@ -274,7 +323,11 @@ fn azurite_bin() -> PathBuf {
 
 impl Azurite {
     pub fn start(dir: &Path) -> Self {
-        let mut a = Self { port: free_port(), dir: dir.to_path_buf(), child: None };
+        let mut a = Self {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
         a.launch();
         a
     }
@@ -282,7 +335,16 @@ impl Azurite {
     fn launch(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
         let child = Command::new(azurite_bin())
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &self.port.to_string(), "--disableTelemetry", "--skipApiVersionCheck", "--silent", "--location"])
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                &self.port.to_string(),
+                "--disableTelemetry",
+                "--skipApiVersionCheck",
+                "--silent",
+                "--location",
+            ])
             .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -299,7 +361,10 @@ impl Azurite {
     /// SIGTERM (Azurite may lose acknowledged writes on SIGKILL, which would blame Lifeboat).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let _ = c.wait();
         }
     }
@@ -322,10 +387,16 @@ impl Azurite {
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
         mac.update(string_to_sign.as_bytes());
         let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-        let url = format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}/{name}?restype=container", self.port);
+        let url = format!(
+            "http://127.0.0.1:{}/{AZURITE_ACCOUNT}/{name}?restype=container",
+            self.port
+        );
         let resp = rawhttp::blocking_put(&url, &date, version, &format!("SharedKey {AZURITE_ACCOUNT}:{sig}"));
         assert!(resp == 201 || resp == 409, "create container {name}: HTTP {resp}");
-        BlobTarget::Azurite { port: self.port, container: name.into() }
+        BlobTarget::Azurite {
+            port: self.port,
+            container: name.into(),
+        }
     }
 }
 
