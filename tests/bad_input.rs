@@ -40,6 +40,32 @@ async fn assert_alive(c: &reqwest::Client, app: &mut Appliance) {
     assert_eq!(r.status(), 200);
 }
 
+/// Sends `request` over a TLS connection that trusts the appliance's certificate and returns
+/// everything the server answers until it closes the connection.
+async fn raw_tls_exchange(app: &Appliance, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pem = std::fs::read(&app.cert).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let addr = app.server_url().trim_start_matches("https://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 async fn post_batch(c: &reqwest::Client, app: &Appliance, token: &str, machine: &str, body: Vec<u8>) -> (u16, String) {
     let r = c
         .post(format!("{}/v1/machines/{machine}/batches", app.server_url()))
@@ -165,8 +191,18 @@ async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
     assert_eq!(status, 400);
     assert!(body.contains("checksum"), "{body}");
     // Oversized.
-    let (status, _) = post_batch(&c, &app, &t, "m1", vec![0u8; 65 << 20]).await;
-    assert_eq!(status, 413);
+    // Oversized: the request declares 65 MiB and sends none of it, so the answer must come from
+    // the declared length before the server reads any body.
+    let head = format!(
+        "POST /v1/machines/m1/batches HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {t}\r\n\
+         x-lifeboat-session: 1\r\nx-lifeboat-batch: 1\r\ncontent-length: {}\r\n\r\n",
+        65u64 << 20
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(20), raw_tls_exchange(&app, head.as_bytes()))
+        .await
+        .expect("the server must answer an oversized request without reading it");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("limit"), "{answer}");
     // Unknown disk and out-of-range write.
     let body = encode_batch(&[IngestRecord::write("disk9", 0, Bytes::from(vec![1u8; 512]))]).to_vec();
     let (status, text) = post_batch(&c, &app, &t, "m1", body).await;

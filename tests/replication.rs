@@ -51,8 +51,38 @@ async fn two_syncs_replay_exactly(blob: BlobTarget, dir: &std::path::Path) {
         "zeroed regions travel as zero records"
     );
 
+    // An app-consistent bookmark lands in the log right after the second sync.
+    let out = app
+        .agent("bookmark", "web01")
+        .args(["--label", "nightly", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bookmark_seq = ack["seqs"]["disk0"].as_u64().unwrap();
+    assert_eq!(bookmark_seq, seq2 + 1);
+
     let store = blob.store();
-    wait_uploaded(store.as_ref(), "web01", "disk0", seq2, Duration::from_secs(120)).await;
+    wait_uploaded(store.as_ref(), "web01", "disk0", bookmark_seq, Duration::from_secs(120)).await;
+    let kek = gateway::blob::open_keyring(store.as_ref(), PASSPHRASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = gateway::replay::replay_disk(
+        store.as_ref(),
+        &kek,
+        "web01",
+        "disk0",
+        DISK_SIZE,
+        None,
+        &dir.join("all.img"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.last_seq, bookmark_seq);
+    assert_eq!(outcome.bookmarks.len(), 1);
+    assert_eq!(outcome.bookmarks[0].0, bookmark_seq);
+    assert_eq!(outcome.bookmarks[0].2, "nightly");
     let at1 = replay(
         store.as_ref(),
         "web01",
@@ -284,4 +314,47 @@ async fn blob_outage_holds_agent_back_then_catches_up() {
     )
     .await;
     assert_same_image(&image, &std::fs::read(&disk).unwrap(), "replay after the outage");
+}
+
+/// The appliance restarts while blob storage is down: it starts from its cached keyring, keeps
+/// acking writes into the journal, and uploads them once the store is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_during_blob_outage_keeps_accepting_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut azurite = Azurite::start(&dir.path().join("azurite"));
+    let blob = azurite.create_container("restart");
+    let mut app = Appliance::start(&dir.path().join("appliance"), &blob, "");
+    let disk = dir.path().join("disk.img");
+    make_disk(&disk, 32 * MIB, 5).unwrap();
+    app.sync("app01", &[&disk]);
+
+    azurite.stop();
+    app.restart();
+    scribble(&disk, 50, 6).unwrap();
+    let summary = app.sync("app01", &[&disk]);
+    assert!(summary.bytes_sent > 0);
+    azurite.restart();
+    let store = blob.store();
+    wait_uploaded(
+        store.as_ref(),
+        "app01",
+        "disk0",
+        summary.disks[0].last_seq,
+        Duration::from_secs(120),
+    )
+    .await;
+    let image = replay(
+        store.as_ref(),
+        "app01",
+        "disk0",
+        32 * MIB,
+        None,
+        &dir.path().join("replay.img"),
+    )
+    .await;
+    assert_same_image(
+        &image,
+        &std::fs::read(&disk).unwrap(),
+        "replay after a restart during the outage",
+    );
 }

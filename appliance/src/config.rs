@@ -63,6 +63,8 @@ pub struct Blob {
 #[serde(default, deny_unknown_fields)]
 pub struct Cache {
     pub max_bytes: String,
+    /// Decompressed chunks the read side (NBD, FUSE) keeps in memory.
+    pub chunk_cache_bytes: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,6 +134,7 @@ impl Default for Cache {
     fn default() -> Self {
         Self {
             max_bytes: "8GiB".into(),
+            chunk_cache_bytes: "512MiB".into(),
         }
     }
 }
@@ -182,6 +185,19 @@ pub struct Resolved {
     pub passphrase_file: PathBuf,
     pub blob_url: String,
     pub cache_max_bytes: u64,
+    pub chunk_cache_bytes: u64,
+    pub policy: ResolvedPolicy,
+}
+
+/// The `[policy]` section, parsed. (The app-consistent schedule and the RPO threshold are
+/// validated here; the config server's scheduler and RPO alerts will read them.)
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)]
+pub struct ResolvedPolicy {
+    pub crash_consistent_interval: Duration,
+    pub app_consistent_interval: Duration,
+    pub retention: Duration,
+    pub rpo_threshold: Duration,
 }
 
 impl Config {
@@ -223,7 +239,18 @@ impl Config {
         if cache_max_bytes < (64 << 20) {
             bail!("cache.max_bytes {:?} is below the 64MiB minimum", self.cache.max_bytes);
         }
+        let policy = ResolvedPolicy {
+            crash_consistent_interval: parse_duration(&self.policy.crash_consistent_interval)?,
+            app_consistent_interval: parse_duration(&self.policy.app_consistent_interval)?,
+            retention: parse_duration(&self.policy.retention)?,
+            rpo_threshold: parse_duration(&self.policy.rpo_threshold)?,
+        };
+        if policy.crash_consistent_interval.is_zero() || policy.retention.is_zero() {
+            bail!("policy.crash_consistent_interval and policy.retention must be positive");
+        }
         Ok(Resolved {
+            chunk_cache_bytes: parse_size(&self.cache.chunk_cache_bytes)?,
+            policy,
             cert: PathBuf::from(sub(&self.tls.cert)),
             key: PathBuf::from(sub(&self.tls.key)),
             passphrase_file: PathBuf::from(sub(&self.security.passphrase_file)),

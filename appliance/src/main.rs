@@ -3,6 +3,7 @@
 //! protected machine; `lifeboat replay` restores a disk straight from blob storage.
 
 mod config;
+mod management;
 mod metrics;
 mod secrets;
 mod serve;
@@ -16,6 +17,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gateway::agent::{Agent, AgentConfig, DiskSpec};
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// mimalloc reuses the multi-megabyte batch buffers instead of mapping and faulting in fresh
+/// pages for each (glibc's malloc maps every allocation above 128 KiB anew).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +56,12 @@ enum Command {
     Agent(AgentCommand),
     /// Restore a disk image straight from blob storage (needs the passphrase, not the appliance).
     Replay(ReplayArgs),
+    /// Recovery points of protected machines (through the management API).
+    #[command(subcommand)]
+    Points(PointsCommand),
+    /// The read side's catalogue and extent index.
+    #[command(subcommand)]
+    Index(IndexCommand),
     /// Print the embedded default configuration as TOML.
     DefaultConfig,
 }
@@ -96,6 +108,35 @@ enum AgentCommand {
         /// A label for the recovery point.
         #[arg(long, default_value = "")]
         label: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PointsCommand {
+    /// List a machine's recovery points, newest first.
+    List {
+        #[command(flatten)]
+        conn: management::AdminConnection,
+        /// The protected machine.
+        #[arg(long)]
+        machine: String,
+        /// Print a JSON array (id, time, kind, label, seqs, readable).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Rebuild the catalogue (disks, recovery points, extent index) from blob storage alone, e.g.
+    /// on a new appliance after the old one was lost. Run it before `serve`, with the same
+    /// config (blob storage and passphrase) as the lost appliance.
+    Rebuild {
+        /// The appliance's config file (default: the embedded defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -286,6 +327,74 @@ async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn points_list(conn: management::AdminConnection, machine: String, json: bool) -> anyhow::Result<()> {
+    let client = management::Client::connect(&conn)?;
+    let points: Vec<lifeboat_fs::pit::PointInfo> = client.get(&format!("/api/machines/{machine}/points")).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+        return Ok(());
+    }
+    if points.is_empty() {
+        println!("{machine} has no recovery points yet");
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<20}  {:<16}  {:<8}  label",
+        "id", "time (UTC)", "kind", "state"
+    );
+    for p in points {
+        let state = if p.readable { "ready" } else { "uploading" };
+        println!("{:>8}  {:<20}  {:<16}  {:<8}  {}", p.id, p.time, p.kind, state, p.label);
+    }
+    Ok(())
+}
+
+async fn index_rebuild(config: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let cfg = config::Config::load(config.as_deref())?.resolve()?;
+    let passphrase = match &cfg.raw.security.passphrase {
+        Some(p) => p.clone(),
+        None => std::fs::read_to_string(&cfg.passphrase_file)
+            .with_context(|| {
+                format!(
+                    "reading the passphrase from {} (put the lost appliance's passphrase there)",
+                    cfg.passphrase_file.display()
+                )
+            })?
+            .trim()
+            .to_string(),
+    };
+    let store = gateway::blob::open_store(&cfg.blob_url, &cfg.raw.blob.options)?;
+    let kek = gateway::blob::open_keyring(store.as_ref(), &passphrase)
+        .await?
+        .with_context(|| format!("{} holds no Lifeboat keyring", cfg.blob_url))?;
+    let dir = cfg.data_dir.join("journal");
+    let journal = tokio::task::spawn_blocking(move || gateway::journal::Journal::open(&dir, u64::MAX))
+        .await?
+        .context("opening the journal (is the appliance running? stop it first)")?;
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
+    bar.set_style(ProgressStyle::with_template("{spinner} {pos} segments indexed: {msg}").expect("template"));
+    let b = bar.clone();
+    let summary = gateway::rebuild::rebuild(&journal, store.as_ref(), &kek, move |seg| {
+        b.inc(1);
+        b.set_message(seg.to_string());
+    })
+    .await?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "rebuilt the catalogue from {}: {} machines, {} disks, {} segments, {} records, {} recovery points",
+            cfg.blob_url, summary.machines, summary.disks, summary.segments, summary.records, summary.points
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
@@ -320,6 +429,8 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Replay(a) => replay(a).await,
+            Command::Points(PointsCommand::List { conn, machine, json }) => points_list(conn, machine, json).await,
+            Command::Index(IndexCommand::Rebuild { config, json }) => index_rebuild(config, json).await,
             Command::DefaultConfig => {
                 print!("{}", toml::to_string_pretty(&config::Config::default())?);
                 Ok(())

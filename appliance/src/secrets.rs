@@ -108,6 +108,21 @@ pub fn load_or_create_passphrase(path: &Path) -> anyhow::Result<(String, bool)> 
     Ok((p, true))
 }
 
+/// Loads the management API's admin token from `path`, creating a random one on first start.
+/// The file (mode 0600) is the operator's credential; the server keeps only its hash.
+pub fn load_or_create_admin_token(path: &Path) -> anyhow::Result<String> {
+    if let Ok(t) = std::fs::read_to_string(path) {
+        let t = t.trim().to_string();
+        anyhow::ensure!(t.len() >= 32, "admin token in {} is too short", path.display());
+        return Ok(t);
+    }
+    let mut raw = [0u8; 32];
+    rand::thread_rng().fill(&mut raw);
+    let t = hex::encode(raw);
+    write_private(path, format!("{t}\n").as_bytes())?;
+    Ok(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

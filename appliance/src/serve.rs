@@ -3,27 +3,27 @@
 //! tells the operator where they are.
 
 use anyhow::Context;
-use axum::routing::get;
-use axum::{Json, Router};
 use gateway::{ProcessServer, ProcessServerConfig};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Resolved;
-use crate::{metrics, secrets};
+use crate::{management, metrics, secrets};
+
+/// Resolves once `shutdown` turns true.
+async fn until_shutdown(mut shutdown: watch::Receiver<bool>) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
 
 async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for {what}"))
-}
-
-fn management_router() -> Router {
-    Router::new().route(
-        "/api/health",
-        get(|| async { Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }),
-    )
 }
 
 pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
@@ -48,6 +48,8 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
             blob_url: cfg.blob_url.clone(),
             blob_options: cfg.raw.blob.options.clone(),
             passphrase: passphrase.clone(),
+            keyring_cache: cfg.data_dir.join("keyring.json"),
+            crash_consistent_interval: cfg.policy.crash_consistent_interval,
         };
         let ps = ProcessServer::start(&ps_cfg, gw_metrics.clone(), shutdown.clone()).await?;
         let listener = bind("replication", cfg.raw.listen.replication).await?;
@@ -61,13 +63,35 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         )));
         process = Some(ps);
     }
+    // The master target reads what this appliance's process server catalogued.
+    let reader = match (&process, roles.iter().any(|r| r == "master-target")) {
+        (Some(ps), true) => Some(lifeboat_fs::pit::Reader::new(
+            ps.journal.clone(),
+            ps.blob.store.clone(),
+            ps.kek.clone(),
+            cfg.chunk_cache_bytes,
+        )),
+        _ => None,
+    };
+    if let Some(reader) = &reader {
+        let listener = bind("NBD", cfg.raw.listen.nbd).await?;
+        ready.insert("nbd".into(), metrics::addr_of(&listener).to_string().into());
+        let exports = lifeboat_fs::exports::PointExports::new(reader.clone());
+        let nbd = std::sync::Arc::new(lifeboat_fs::nbd::NbdServer::new(exports));
+        tasks.push(tokio::spawn(nbd.serve(listener, until_shutdown(shutdown.clone()))));
+    }
     if roles.iter().any(|r| r == "config") {
+        let admin_token = secrets::load_or_create_admin_token(&cfg.data_dir.join("admin-token"))?;
         let listener = bind("management", cfg.raw.listen.management).await?;
         ready.insert("management".into(), metrics::addr_of(&listener).to_string().into());
+        ready.insert(
+            "admin_token_file".into(),
+            cfg.data_dir.join("admin-token").display().to_string().into(),
+        );
         tasks.push(tokio::spawn(gateway::server::serve_tls(
             listener,
             tls.server_config.clone(),
-            management_router(),
+            management::router(management::ManagementState::new(&admin_token, reader.clone())),
             shutdown.clone(),
         )));
     }
@@ -79,6 +103,10 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
     ready.insert("data_dir".into(), cfg.data_dir.display().to_string().into());
     ready.insert("cert".into(), cfg.cert.display().to_string().into());
     ready.insert("fingerprint".into(), tls.fingerprint.clone().into());
+    // Operator commands given --config find the real addresses here when a port was 0.
+    let ready_file = cfg.data_dir.join("ready.json");
+    std::fs::write(&ready_file, serde_json::Value::Object(ready.clone()).to_string())
+        .with_context(|| format!("writing {}", ready_file.display()))?;
     if json {
         println!("{}", serde_json::Value::Object(ready.clone()));
     } else {
@@ -90,9 +118,13 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         for (k, v) in &ready {
             if let (Some(addr), true) = (
                 v.as_str(),
-                ["management", "replication", "metrics"].contains(&k.as_str()),
+                ["management", "replication", "metrics", "nbd"].contains(&k.as_str()),
             ) {
-                let scheme = if k == "metrics" { "http" } else { "https" };
+                let scheme = match k.as_str() {
+                    "metrics" => "http",
+                    "nbd" => "nbd",
+                    _ => "https",
+                };
                 let tail = if k == "metrics" { "/metrics" } else { "" };
                 println!("  {k:<12} {scheme}://{addr}{tail}");
             }

@@ -1,3 +1,8 @@
-//! The master target's read path (issues 4 and 5, not built yet): recovery-point catalogue and
-//! point-in-time views over the segments in blob storage, the NBD server and the FUSE
-//! filesystem, and the failback writer. Today the data path's `gateway::replay` is the only reader.
+//! The master target's read path: point-in-time views of recovery points ([`pit`]) behind one
+//! read seam ([`view`]), their export names ([`exports`]), and the NBD server ([`nbd`]) that
+//! serves them to standard clients.
+
+pub mod exports;
+pub mod nbd;
+pub mod pit;
+pub mod view;

@@ -94,7 +94,7 @@ pub mod layout {
     }
 }
 
-async fn get_json<T: serde::de::DeserializeOwned>(
+pub async fn get_json<T: serde::de::DeserializeOwned>(
     store: &dyn ObjectStore,
     path: &Path,
 ) -> Result<Option<T>, BlobError> {
@@ -132,14 +132,16 @@ async fn put_json<T: serde::Serialize>(
     }
 }
 
-/// Opens the store's keyring with `passphrase`, creating it on first use. Returns the KEK.
+/// Opens the store's keyring with `passphrase`, creating it on first use. Returns the KEK and
+/// the keyring document (which holds no key material, so it may be cached locally).
 pub async fn open_or_create_keyring(
     store: &dyn ObjectStore,
     passphrase: &str,
     new_params: impl FnOnce() -> KdfParams,
-) -> Result<Key, BlobError> {
+) -> Result<(Key, Keyring), BlobError> {
     if let Some(ring) = get_json::<Keyring>(store, &layout::keyring()).await? {
-        return Ok(open_keyring_blocking(ring, passphrase.to_owned()).await?);
+        let kek = open_keyring_blocking(ring.clone(), passphrase.to_owned()).await?;
+        return Ok((kek, ring));
     }
     let params = new_params();
     let pass = passphrase.to_owned();
@@ -151,13 +153,14 @@ pub async fn open_or_create_keyring(
     .await
     .expect("kdf task")?;
     if put_json(store, &layout::keyring(), &ring, true).await? {
-        return Ok(kek);
+        return Ok((kek, ring));
     }
     // Someone created it first: use theirs.
     let ring = get_json::<Keyring>(store, &layout::keyring())
         .await?
         .expect("keyring exists");
-    Ok(open_keyring_blocking(ring, passphrase.to_owned()).await?)
+    let kek = open_keyring_blocking(ring.clone(), passphrase.to_owned()).await?;
+    Ok((kek, ring))
 }
 
 /// Opens an existing keyring (for replay and rebuild); `None` if the store has none.
@@ -168,7 +171,7 @@ pub async fn open_keyring(store: &dyn ObjectStore, passphrase: &str) -> Result<O
     }
 }
 
-async fn open_keyring_blocking(ring: Keyring, passphrase: String) -> Result<Key, CryptoError> {
+pub async fn open_keyring_blocking(ring: Keyring, passphrase: String) -> Result<Key, CryptoError> {
     tokio::task::spawn_blocking(move || ring.open(&passphrase))
         .await
         .expect("kdf task")

@@ -10,6 +10,7 @@
 //! - `journal`: `disk_id u32 ‖ seq u64` → record (see `record`), deleted once its segment is in blob.
 //! - `checksums`: `disk_id u32 ‖ block u64` → 16-byte BLAKE3 prefix of the replica's block, for
 //!   delta sync by checksum. Absent means the block is zeros.
+//! - `segments`, `extents`: the read side's catalogue (see `catalog`), filled as segments land.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -103,6 +104,14 @@ pub struct RecoveryPoint {
     pub kind: String,
     pub label: String,
     pub seqs: BTreeMap<String, u64>,
+}
+
+/// The catalogue name of a point record's kind.
+pub fn point_kind_name(kind: RecordKind) -> &'static str {
+    match kind {
+        RecordKind::CrashPoint => "crash-consistent",
+        _ => "app-consistent",
+    }
 }
 
 /// The answer to a committed batch: the highest sequence number per disk it was given.
@@ -247,7 +256,7 @@ fn journal_key(disk_id: u32, seq: u64) -> [u8; 12] {
     k
 }
 
-fn checksum_key(disk_id: u32, block: u64) -> [u8; 12] {
+pub fn checksum_key(disk_id: u32, block: u64) -> [u8; 12] {
     journal_key(disk_id, block)
 }
 
@@ -284,15 +293,28 @@ impl Journal {
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(8 << 20);
+        // The small meta and checksum memtables would otherwise pin every WAL file until they
+        // fill: past this size RocksDB flushes them so old logs can go.
+        db_opts.set_max_total_wal_size(512 << 20);
         let mut journal_opts = Options::default();
         journal_opts.set_compression_type(rocksdb::DBCompressionType::None);
-        journal_opts.set_write_buffer_size(128 << 20);
+        // Journal entries live for seconds: big memtables let most of them be deleted (by the
+        // uploader's range delete) before a flush, and values go to blob files so compaction
+        // moves only keys instead of rewriting the data.
+        journal_opts.set_write_buffer_size(256 << 20);
         journal_opts.set_max_write_buffer_number(4);
         journal_opts.set_target_file_size_base(128 << 20);
+        journal_opts.set_enable_blob_files(true);
+        journal_opts.set_min_blob_size(4096);
+        journal_opts.set_blob_file_size(256 << 20);
+        journal_opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
+        journal_opts.set_enable_blob_gc(true);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
             ColumnFamilyDescriptor::new(CF_JOURNAL, journal_opts),
             ColumnFamilyDescriptor::new(CF_CHECKSUMS, Options::default()),
+            ColumnFamilyDescriptor::new(crate::catalog::CF_SEGMENTS, Options::default()),
+            ColumnFamilyDescriptor::new(crate::catalog::CF_EXTENTS, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let meta = db.cf_handle(CF_META).expect("meta cf");
@@ -353,6 +375,14 @@ impl Journal {
                 handle: Some(handle),
             }),
         })
+    }
+
+    /// Compacts the journal column family so that uploaded (deleted) entries and the blob
+    /// files holding them are dropped from disk now rather than at the next automatic
+    /// compaction (blocking).
+    pub fn compact(&self) {
+        let cf = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
+        self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
     }
 
     pub fn db(&self) -> &Arc<DB> {
@@ -517,6 +547,88 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+
+    /// Adds rebuilt disks and points straight to the database, for `index rebuild` on a journal
+    /// that nothing else writes to (the appliance is not running). Synced (blocking).
+    pub fn restore_offline(&self, disks: &[DiskMeta], points: &[RecoveryPoint]) -> Result<(), JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let mut wb = WriteBatch::default();
+        let next_disk = u64_value(self.db.get_cf(meta, NEXT_DISK_KEY)?);
+        let max_disk = disks.iter().map(|d| d.id as u64 + 1).max().unwrap_or(0);
+        wb.put_cf(meta, NEXT_DISK_KEY, next_disk.max(max_disk).to_be_bytes());
+        for d in disks {
+            wb.put_cf(
+                meta,
+                disk_meta_key(&d.machine, &d.disk),
+                serde_json::to_vec(d).expect("json"),
+            );
+        }
+        let next_point = u64_value(self.db.get_cf(meta, NEXT_POINT_KEY)?);
+        let max_point = points.iter().map(|p| p.id + 1).max().unwrap_or(0);
+        wb.put_cf(meta, NEXT_POINT_KEY, next_point.max(max_point).to_be_bytes());
+        for p in points {
+            wb.put_cf(meta, point_key(&p.machine, p.id), serde_json::to_vec(p).expect("json"));
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(wb, &wo)?;
+        let mut state = self.state.disks.write().expect("lock");
+        for d in disks {
+            state.insert(d.id, d.clone());
+        }
+        Ok(())
+    }
+
+    /// The id a new disk would get (for offline rebuild).
+    pub fn next_disk_id(&self) -> Result<u32, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let stored = u64_value(self.db.get_cf(meta, NEXT_DISK_KEY)?) as u32;
+        let used = self.disks().iter().map(|d| d.id + 1).max().unwrap_or(1);
+        Ok(stored.max(used).max(1))
+    }
+
+    /// The newest recovery point of a machine (blocking read).
+    pub fn last_point(&self, machine: &str) -> Result<Option<RecoveryPoint>, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let prefix = format!("point/{machine}/").into_bytes();
+        let mut it = self.db.raw_iterator_cf(meta);
+        // '~' sorts after every hex digit of the point ids.
+        it.seek_for_prev(format!("point/{machine}/~"));
+        match (it.key(), it.value()) {
+            (Some(k), Some(v)) if k.starts_with(&prefix) => Ok(Some(
+                serde_json::from_slice(v).map_err(|e| JournalError::Corrupt(format!("point: {e}")))?,
+            )),
+            _ => {
+                it.status()?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Cuts a crash-consistent point for `machine` if any of its disks took writes since its last
+    /// point; returns the new point's id. A full cache skips this round (blocking read, then a
+    /// commit through the writer).
+    pub async fn cut_crash_point(&self, machine: &str) -> Result<Option<u64>, JournalError> {
+        let me = self.clone();
+        let m = machine.to_owned();
+        let last = tokio::task::spawn_blocking(move || me.last_point(&m))
+            .await
+            .map_err(|_| JournalError::Stopped)??;
+        let changed = self.disks().iter().filter(|d| d.machine == machine).any(|d| {
+            let written_through = d.next_seq - 1;
+            written_through > last.as_ref().and_then(|p| p.seqs.get(&d.disk)).copied().unwrap_or(0)
+        });
+        if !changed {
+            return Ok(None);
+        }
+        let batch = u64::from_be_bytes(rand::random::<[u8; 8]>());
+        let record = prepare(IngestRecord::crash_point(), 0);
+        match self.commit(machine, 0, batch, vec![record]).await {
+            Ok(ack) => Ok(ack.point),
+            Err(JournalError::CacheFull { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Recovery points of a machine, oldest first (blocking read).
@@ -775,7 +887,7 @@ impl Writer {
         let mut ids = Vec::with_capacity(records.len());
         for p in &records {
             let r = &p.record;
-            if r.kind == RecordKind::Bookmark {
+            if matches!(r.kind, RecordKind::Bookmark | RecordKind::CrashPoint) {
                 ids.push(None);
                 continue;
             }
@@ -827,7 +939,7 @@ impl Writer {
                     ack.seqs.insert(name, seq);
                 }
                 None => {
-                    // A bookmark: one point, one record in every disk's log of the machine.
+                    // A point (bookmark or crash point): one id, one record in every disk's log.
                     let point_id = match g.next_point {
                         Some(n) => n,
                         None => u64_value(g.db.get_cf(meta, NEXT_POINT_KEY)?).max(1),
@@ -839,14 +951,14 @@ impl Writer {
                         id: point_id,
                         machine: machine.into(),
                         time_ms: now,
-                        kind: "app-consistent".into(),
+                        kind: point_kind_name(p.record.kind).into(),
                         label,
                         seqs: BTreeMap::new(),
                     };
                     for id in self.machine_disks(g, machine) {
                         let (seq, name) = self.take_seq(g, id);
                         let rec = LogRecord {
-                            kind: RecordKind::Bookmark,
+                            kind: p.record.kind,
                             seq,
                             time_ms: now,
                             offset: point_id,

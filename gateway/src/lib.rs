@@ -12,15 +12,19 @@
 //! - [`segment`] and [`record`]: the versioned, authenticated log format in blob storage.
 //! - [`crypto`]: Argon2id key-encryption key, wrapped per-disk data keys, never-reused nonces.
 //! - [`uploader`]: journal → segments → blob store, retried for as long as an outage lasts.
-//! - [`replay`]: blob store → image at any sequence number.
+//! - [`catalog`]: segments and the extent index that the read side serves points from.
+//! - [`replay`]: blob store → image at any sequence number; [`rebuild`]: the catalogue from blob
+//!   storage alone, for a new appliance after a disaster.
 //! - [`server`] and [`agent`]: the two ends of the ingest API.
 
 pub mod agent;
 pub mod blob;
+pub mod catalog;
 pub mod crypto;
 pub mod journal;
 pub mod metrics;
 pub mod protocol;
+pub mod rebuild;
 pub mod record;
 pub mod replay;
 pub mod segment;
@@ -42,6 +46,45 @@ pub struct ProcessServerConfig {
     pub blob_url: String,
     pub blob_options: BTreeMap<String, String>,
     pub passphrase: String,
+    /// A local copy of the blob store's keyring (salt and verifier, no key), so the process
+    /// server can start and keep accepting writes while blob storage is unreachable.
+    pub keyring_cache: PathBuf,
+    /// How often a crash-consistent point is cut for each machine that took writes.
+    pub crash_consistent_interval: std::time::Duration,
+}
+
+/// How long start-up waits for blob storage before falling back to the cached keyring.
+const KEYRING_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Opens the keyring from blob storage (creating it on first use) and caches it locally; when
+/// blob storage is unreachable, opens the cached copy instead. A wrong passphrase always fails.
+async fn open_keyring(blob: &uploader::BlobStore, cfg: &ProcessServerConfig) -> anyhow::Result<crypto::Key> {
+    let remote = tokio::time::timeout(
+        KEYRING_WAIT,
+        blob::open_or_create_keyring(blob.store.as_ref(), &cfg.passphrase, crypto::KdfParams::generate),
+    )
+    .await;
+    let unreachable = match remote {
+        Ok(Ok((kek, ring))) => {
+            let json = serde_json::to_vec_pretty(&ring)?;
+            if std::fs::read(&cfg.keyring_cache).ok().as_deref() != Some(json.as_slice()) {
+                let tmp = cfg.keyring_cache.with_extension("tmp");
+                std::fs::write(&tmp, &json)?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &cfg.keyring_cache)?;
+            }
+            return Ok(kek);
+        }
+        Ok(Err(blob::BlobError::Store(e))) => e.to_string(),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => format!("no answer in {KEYRING_WAIT:?}"),
+    };
+    let Ok(text) = std::fs::read(&cfg.keyring_cache) else {
+        anyhow::bail!("blob storage is unreachable ({unreachable}) and no cached keyring exists yet");
+    };
+    tracing::warn!(error = %unreachable, "blob storage unreachable at start; using the cached keyring, uploads will catch up");
+    let ring: crypto::Keyring = serde_json::from_slice(&text)?;
+    Ok(blob::open_keyring_blocking(ring, cfg.passphrase.clone()).await?)
 }
 
 /// A running process server: journal, uploader task and the ingest API's state.
@@ -49,7 +92,32 @@ pub struct ProcessServer {
     pub journal: journal::Journal,
     pub ingest: Arc<server::IngestState>,
     pub blob: uploader::BlobStore,
+    /// The key-encryption key: unwraps the disks' data keys for the read side.
+    pub kek: crypto::Key,
     uploader: tokio::task::JoinHandle<()>,
+    points: tokio::task::JoinHandle<()>,
+}
+
+/// Cuts crash-consistent points on the policy's interval until shutdown.
+async fn crash_point_timer(journal: journal::Journal, every: std::time::Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let mut machines: Vec<String> = journal.disks().into_iter().map(|d| d.machine).collect();
+        machines.sort();
+        machines.dedup();
+        for m in machines {
+            match journal.cut_crash_point(&m).await {
+                Ok(Some(id)) => tracing::debug!(machine = %m, point = id, "crash-consistent point"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(machine = %m, error = %e, "could not cut a crash-consistent point"),
+            }
+        }
+    }
 }
 
 impl ProcessServer {
@@ -66,8 +134,7 @@ impl ProcessServer {
             .filter(|u| u.scheme() == "file")
             .and_then(|u| u.to_file_path().ok());
         let blob = uploader::BlobStore { store, local_root };
-        let kek =
-            blob::open_or_create_keyring(blob.store.as_ref(), &cfg.passphrase, crypto::KdfParams::generate).await?;
+        let kek = open_keyring(&blob, cfg).await?;
         let dir = cfg.journal_dir.clone();
         let max = cfg.cache_max_bytes;
         let journal = tokio::task::spawn_blocking(move || journal::Journal::open(&dir, max)).await??;
@@ -79,18 +146,32 @@ impl ProcessServer {
             kek.clone(),
             metrics.clone(),
         ));
-        let uploader = tokio::spawn(up.run(shutdown));
-        let ingest = server::IngestState::new(journal.clone(), blob.clone(), kek, cfg.passphrase.clone(), metrics);
+        let uploader = tokio::spawn(up.run(shutdown.clone()));
+        let points = tokio::spawn(crash_point_timer(
+            journal.clone(),
+            cfg.crash_consistent_interval,
+            shutdown,
+        ));
+        let ingest = server::IngestState::new(
+            journal.clone(),
+            blob.clone(),
+            kek.clone(),
+            cfg.passphrase.clone(),
+            metrics,
+        );
         Ok(Self {
             journal,
             ingest,
             blob,
+            kek,
             uploader,
+            points,
         })
     }
 
     /// Waits for the uploader to stop (after shutdown).
     pub async fn join(self) {
         let _ = self.uploader.await;
+        let _ = self.points.await;
     }
 }

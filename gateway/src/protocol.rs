@@ -36,6 +36,9 @@ pub enum RecordKind {
     Zero = 2,
     /// An app-consistent bookmark for the whole machine.
     Bookmark = 3,
+    /// A crash-consistent point the process server cut on its timer. Never sent by agents: a
+    /// batch holding one is refused.
+    CrashPoint = 4,
 }
 
 impl RecordKind {
@@ -76,6 +79,16 @@ impl IngestRecord {
             disk: disk.to_owned(),
             offset,
             len,
+            payload: Bytes::new(),
+        }
+    }
+    /// A crash-consistent point; the process server makes these, agents cannot send them.
+    pub fn crash_point() -> Self {
+        Self {
+            kind: RecordKind::CrashPoint,
+            disk: String::new(),
+            offset: 0,
+            len: 0,
             payload: Bytes::new(),
         }
     }
@@ -199,6 +212,7 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
         let payload_len = match kind {
             RecordKind::Write | RecordKind::Bookmark => len as usize,
             RecordKind::Zero => 0,
+            RecordKind::CrashPoint => unreachable!("from_u8 refuses crash points from agents"),
         };
         if payload_len > MAX_RECORD_BYTES {
             return Err(FrameError::BadRecord {

@@ -11,7 +11,8 @@ use thiserror::Error;
 
 pub use crate::protocol::RecordKind;
 
-const FIXED_LEN: usize = 1 + 8 + 8 + 8 + 4 + 4;
+/// Encoded bytes before the payload.
+pub const FIXED_LEN: usize = 1 + 8 + 8 + 8 + 4 + 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogRecord {
@@ -20,7 +21,7 @@ pub struct LogRecord {
     pub seq: u64,
     /// Commit time, milliseconds since the Unix epoch.
     pub time_ms: u64,
-    /// Disk offset (writes, zero ranges) or the recovery point id (bookmarks).
+    /// Disk offset (writes, zero ranges) or the recovery point id (bookmarks, crash points).
     pub offset: u64,
     /// Range length (writes, zero ranges) or label length (bookmarks).
     pub len: u32,
@@ -64,6 +65,7 @@ impl LogRecord {
             1 => RecordKind::Write,
             2 => RecordKind::Zero,
             3 => RecordKind::Bookmark,
+            4 => RecordKind::CrashPoint,
             other => return Err(RecordError::BadKind(other)),
         };
         let seq = buf.get_u64();

@@ -221,7 +221,7 @@ pub fn apply_records(
     for r in records {
         last = r.seq;
         match r.kind {
-            RecordKind::Bookmark => {}
+            RecordKind::Bookmark | RecordKind::CrashPoint => {}
             RecordKind::Write | RecordKind::Zero => {
                 if r.end() > size || (r.kind == RecordKind::Write && r.payload.len() != r.len as usize) {
                     return Err(ReplayError::OutOfRange {

@@ -171,6 +171,20 @@ fn plan_chunks(records: &[LogRecord]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// Where each record's payload lies once built into a segment: `(chunk index, byte offset of the
+/// payload in the chunk's decompressed bytes)`, in record order. The extent index stores these.
+pub fn record_positions(records: &[LogRecord]) -> Vec<(u32, u32)> {
+    let mut out = Vec::with_capacity(records.len());
+    for (chunk, range) in plan_chunks(records).into_iter().enumerate() {
+        let mut at = 0usize;
+        for r in &records[range] {
+            out.push((chunk as u32, (at + crate::record::FIXED_LEN) as u32));
+            at += r.encoded_len();
+        }
+    }
+    out
+}
+
 /// Builds a segment from records of one disk, in sequence order. Compression and sealing of the
 /// chunks run in parallel on the rayon pool.
 pub fn build_segment(
@@ -217,7 +231,7 @@ pub fn build_segment(
     for (bytes, raw_len, recs) in &sealed {
         let (min_off, max_end) = recs
             .iter()
-            .filter(|r| r.kind != RecordKind::Bookmark)
+            .filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Zero))
             .fold((u64::MAX, 0u64), |(lo, hi), r| (lo.min(r.offset), hi.max(r.end())));
         index.put_u64(out.len() as u64);
         index.put_u32(bytes.len() as u32);

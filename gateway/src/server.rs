@@ -144,7 +144,33 @@ pub fn router(state: Arc<IngestState>) -> Router {
         .route("/v1/machines/{machine}/batches", post(batch))
         .route("/v1/machines/{machine}/bookmarks", post(bookmark))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
+        .layer(axum::middleware::from_fn(refuse_oversized))
         .with_state(state)
+}
+
+/// Answers 413 from the headers alone when the declared body is over the limit, so a client
+/// sending one gets the answer at once instead of a reset after the server read 64 MiB.
+async fn refuse_oversized(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > MAX_BATCH_BYTES as u64 => {
+            let mut r = ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body of {n} bytes is over the {MAX_BATCH_BYTES}-byte limit"),
+            )
+            .into_response();
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            r
+        }
+        _ => next.run(req).await,
+    }
 }
 
 #[derive(Serialize, Deserialize)]

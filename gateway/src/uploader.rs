@@ -12,6 +12,7 @@ use object_store::{ObjectStore, PutPayload};
 use tokio::sync::{watch, Mutex};
 
 use crate::blob::{self, layout};
+use crate::catalog;
 use crate::crypto::Key;
 use crate::journal::{DiskMeta, Journal, SegmentPlan};
 use crate::metrics::GatewayMetrics;
@@ -19,6 +20,8 @@ use crate::segment;
 
 /// Most raw log bytes in one segment.
 pub const SEGMENT_MAX_BYTES: usize = 32 << 20;
+/// Compact the emptied journal after this many bytes were uploaded since the last compaction.
+const COMPACT_AFTER_BYTES: u64 = 256 << 20;
 
 /// The blob store plus what durability needs: for a local folder, the root to fsync under.
 #[derive(Clone)]
@@ -82,6 +85,7 @@ impl Uploader {
     /// Runs until `shutdown` turns true. A segment in flight at shutdown is left as a plan and
     /// re-uploaded (identically) on the next start.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut compacted_at = 0u64;
         loop {
             if *shutdown.borrow() {
                 return;
@@ -98,6 +102,13 @@ impl Uploader {
                 }
             }
             self.metrics.cache_used_bytes.set(self.journal.cache_used() as i64);
+            let uploaded = self.metrics.compressed_in_bytes.get();
+            if !progressed && self.journal.cache_used() == 0 && uploaded - compacted_at >= COMPACT_AFTER_BYTES {
+                // Everything is uploaded: reclaim the journal's disk space while it is cheap.
+                compacted_at = uploaded;
+                let j = self.journal.clone();
+                let _ = tokio::task::spawn_blocking(move || j.compact()).await;
+            }
             if !progressed {
                 tokio::select! {
                     _ = notified => {
@@ -191,13 +202,25 @@ impl Uploader {
         let raw: usize = records.iter().map(|r| r.encoded_len()).sum();
         let journal_bytes = (raw + 4 * records.len()) as u64;
         let (machine, diskname, key_id) = (disk.machine.clone(), disk.disk.clone(), disk.key_id);
-        let (_, bytes) = tokio::task::spawn_blocking(move || {
-            segment::build_segment(&machine, &diskname, key_id, plan.counter, &key, &records)
-        })
-        .await?;
         let path = layout::segment(&disk.machine, &disk.disk, plan.first_seq, plan.last_seq);
+        let name = path.to_string();
+        let (bytes, entry, records) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let (_, bytes) = segment::build_segment(&machine, &diskname, key_id, plan.counter, &key, &records);
+            let (index, _) = segment::SegmentIndex::from_object(&bytes, |_| Ok(key.clone()), &name)?;
+            Ok((bytes, catalog::SegmentEntry::from_index(&name, &index), records))
+        })
+        .await??;
         let len = bytes.len();
         self.blob.put_durable(&path, bytes).await?;
+        // The catalogue learns of the segment before the journal lets go of its records; both
+        // writes share the WAL, so the synced journal update below makes this one durable too.
+        let db = self.journal.db().clone();
+        tokio::task::spawn_blocking(move || {
+            let mut wb = rocksdb::WriteBatch::default();
+            catalog::index_segment(&db, &mut wb, id, &entry, &records);
+            db.write(wb)
+        })
+        .await??;
         self.journal.segment_uploaded(plan, journal_bytes).await?;
         self.metrics.uploaded_bytes.inc_by(len as u64);
         self.metrics.compressed_in_bytes.inc_by(raw as u64);

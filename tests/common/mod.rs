@@ -67,9 +67,10 @@ pub struct Appliance {
     pub replication: String,
     pub management: String,
     pub metrics: String,
+    pub nbd: String,
     pub cert: PathBuf,
     pub passphrase_file: PathBuf,
-    config: PathBuf,
+    pub config: PathBuf,
 }
 
 impl Appliance {
@@ -122,6 +123,7 @@ impl Appliance {
             replication: get("replication"),
             management: get("management"),
             metrics: get("metrics"),
+            nbd: ready["nbd"].as_str().unwrap_or_default().to_string(),
             cert: PathBuf::from(get("cert")),
             dir,
             child: Some(child),
@@ -198,6 +200,28 @@ impl Appliance {
         );
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("summary {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// `lifeboat points list --json` through the management API, newest first.
+    pub fn points(&self, machine: &str) -> Vec<lifeboat_fs::pit::PointInfo> {
+        let out = Command::new(lifeboat_bin())
+            .args(["points", "list", "--json", "--machine", machine, "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "points list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("points {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// An `nbd://` URI of an export on this appliance.
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.nbd)
     }
 
     /// Fetches `/metrics` as text.
@@ -284,6 +308,10 @@ pub async fn replay(
     std::fs::read(out).unwrap()
 }
 
+fn hex_preview(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Asserts two images are equal, naming the first differing 4 KiB block.
 pub fn assert_same_image(actual: &[u8], expected: &[u8], what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: sizes differ");
@@ -293,7 +321,18 @@ pub fn assert_same_image(actual: &[u8], expected: &[u8], what: &str) {
             .zip(expected.chunks(4096))
             .position(|(a, b)| a != b)
             .unwrap();
-        panic!("{what}: images differ, first at byte {}", block * 4096);
+        let at = block * 4096;
+        let differing = actual
+            .chunks(4096)
+            .zip(expected.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        let show = |v: &[u8]| hex_preview(&v[at..(at + 32).min(v.len())]);
+        panic!(
+            "{what}: images differ in {differing} 4 KiB blocks, first at byte {at}: got {} want {}",
+            show(actual),
+            show(expected)
+        );
     }
 }
 

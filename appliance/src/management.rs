@@ -1,0 +1,244 @@
+//! The config server's management API (HTTPS, admin bearer token) and the client the operator
+//! commands (`lifeboat points ...`) use to reach it. Operator commands never open the
+//! appliance's RocksDB themselves.
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/api/health` | `{status, version}` (no token needed) |
+//! | GET | `/api/machines` | machines and their disks |
+//! | GET | `/api/machines/M/points` | recovery points of M, newest first |
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router};
+use gateway::server::ErrorBody;
+use lifeboat_fs::pit::{PointInfo, Reader};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Resolved;
+
+pub struct ManagementState {
+    admin_hash: [u8; 32],
+    reader: Option<Arc<Reader>>,
+}
+
+impl ManagementState {
+    pub fn new(admin_token: &str, reader: Option<Arc<Reader>>) -> Arc<Self> {
+        Arc::new(Self {
+            admin_hash: *blake3::hash(admin_token.as_bytes()).as_bytes(),
+            reader,
+        })
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ErrorBody>)>;
+
+fn error(status: StatusCode, message: impl Into<String>) -> (StatusCode, Json<ErrorBody>) {
+    (status, Json(ErrorBody { error: message.into() }))
+}
+
+fn authorize(s: &ManagementState, headers: &HeaderMap) -> Result<(), (StatusCode, Json<ErrorBody>)> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "missing admin token (Authorization: Bearer ...)",
+            )
+        })?;
+    // Compare digests: the time taken does not depend on where the tokens differ.
+    let presented = blake3::hash(token.trim().as_bytes());
+    if presented
+        .as_bytes()
+        .iter()
+        .zip(&s.admin_hash)
+        .fold(0u8, |a, (x, y)| a | (x ^ y))
+        != 0
+    {
+        return Err(error(StatusCode::UNAUTHORIZED, "wrong admin token"));
+    }
+    Ok(())
+}
+
+fn reader(s: &ManagementState) -> Result<Arc<Reader>, (StatusCode, Json<ErrorBody>)> {
+    s.reader.clone().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this appliance runs no process server / master target role",
+        )
+    })
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub disk: String,
+    pub size: u64,
+    /// Highest sequence number acknowledged to the agent.
+    pub acked_through: u64,
+    /// Highest sequence number safely in blob storage.
+    pub uploaded_through: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineInfo {
+    pub machine: String,
+    pub disks: Vec<DiskInfo>,
+}
+
+async fn machines(State(s): State<Arc<ManagementState>>, headers: HeaderMap) -> ApiResult<Vec<MachineInfo>> {
+    authorize(&s, &headers)?;
+    let r = reader(&s)?;
+    Ok(Json(
+        r.machines()
+            .into_iter()
+            .map(|m| MachineInfo {
+                disks: r
+                    .disks(&m)
+                    .into_iter()
+                    .map(|d| DiskInfo {
+                        disk: d.disk,
+                        size: d.size,
+                        acked_through: d.next_seq - 1,
+                        uploaded_through: d.uploaded_through,
+                    })
+                    .collect(),
+                machine: m,
+            })
+            .collect(),
+    ))
+}
+
+async fn points(
+    State(s): State<Arc<ManagementState>>,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Vec<PointInfo>> {
+    authorize(&s, &headers)?;
+    let r = reader(&s)?;
+    if r.disks(&machine).is_empty() {
+        return Err(error(StatusCode::NOT_FOUND, format!("unknown machine {machine:?}")));
+    }
+    let points = tokio::task::spawn_blocking(move || r.points(&machine))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(points))
+}
+
+pub fn router(state: Arc<ManagementState>) -> Router {
+    Router::new()
+        .route(
+            "/api/health",
+            get(|| async { Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }),
+        )
+        .route("/api/machines", get(machines))
+        .route("/api/machines/{machine}/points", get(points))
+        .with_state(state)
+}
+
+/// Where operator commands find the management API.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AdminConnection {
+    /// The appliance's config file: address, certificate and admin token are taken from it
+    /// (without --config and --server, the embedded defaults are used).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The management API, e.g. https://appliance:443 (instead of --config).
+    #[arg(long, requires = "token_file")]
+    pub server: Option<String>,
+    /// CA certificate (PEM) to trust for --server.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// File holding the admin token (the appliance writes DATA_DIR/admin-token).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn connect(c: &AdminConnection) -> anyhow::Result<Self> {
+        let (base, ca, token_file) = match &c.server {
+            Some(url) => (
+                url.trim_end_matches('/').to_string(),
+                c.ca.clone(),
+                c.token_file.clone(),
+            ),
+            None => {
+                let cfg: Resolved = crate::config::Config::load(c.config.as_deref())?.resolve()?;
+                let mut addr = cfg.raw.listen.management;
+                if addr.port() == 0 {
+                    // Bound to any free port: the running appliance wrote down which.
+                    let ready = cfg.data_dir.join("ready.json");
+                    let text = std::fs::read_to_string(&ready).with_context(|| {
+                        format!(
+                            "management port is 0 in the config and {} is missing: is the appliance running?",
+                            ready.display()
+                        )
+                    })?;
+                    let v: serde_json::Value = serde_json::from_str(&text)?;
+                    addr = v["management"]
+                        .as_str()
+                        .context("ready.json names no management address")?
+                        .parse()?;
+                }
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                (
+                    format!("https://{addr}"),
+                    Some(c.ca.clone().unwrap_or(cfg.cert.clone())),
+                    Some(c.token_file.clone().unwrap_or(cfg.data_dir.join("admin-token"))),
+                )
+            }
+        };
+        let token_file = token_file.context("--token-file is needed with --server")?;
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading admin token {}", token_file.display()))?
+            .trim()
+            .to_string();
+        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        if let Some(ca) = ca {
+            let pem = std::fs::read(&ca).with_context(|| format!("reading CA certificate {}", ca.display()))?;
+            builder = builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        Ok(Self {
+            base,
+            token,
+            http: builder.build()?,
+        })
+    }
+
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the management API at {}", self.base))?;
+        let status = r.status();
+        if !status.is_success() {
+            let body = r.text().await.unwrap_or_default();
+            let msg = serde_json::from_str::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or(body);
+            anyhow::bail!("{status}: {msg}");
+        }
+        Ok(r.json().await?)
+    }
+}
