@@ -2,6 +2,8 @@
 //! SIGTERM. On first start it creates the TLS certificate and the registration passphrase and
 //! tells the operator where they are.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use gateway::{ProcessServer, ProcessServerConfig};
 use prometheus::Registry;
@@ -73,6 +75,13 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         )),
         _ => None,
     };
+    if let (Some(reader), Some(ps)) = (&reader, &process) {
+        // Retention runs where the catalogue is: a tenth of the retention window, 1 s to 1 min.
+        let every = (cfg.policy.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let retention =
+            lifeboat_fs::retention::Retention::new(reader.clone(), ps.blob.clone(), ps.kek.clone(), cfg.policy.retention);
+        tasks.push(tokio::spawn(retention.run(every, shutdown.clone())));
+    }
     if let Some(reader) = &reader {
         let listener = bind("NBD", cfg.raw.listen.nbd).await?;
         ready.insert("nbd".into(), metrics::addr_of(&listener).to_string().into());

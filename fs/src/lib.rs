@@ -1,8 +1,10 @@
 //! The master target's read path: point-in-time views of recovery points ([`pit`]) behind one
 //! read seam ([`view`]), their export names ([`exports`]), and the NBD server ([`nbd`]) that
-//! serves them to standard clients.
+//! serves them to standard clients; [`retention`] drops expired points and rolls their log into
+//! the base image.
 
 pub mod exports;
 pub mod nbd;
 pub mod pit;
+pub mod retention;
 pub mod view;

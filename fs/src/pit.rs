@@ -64,7 +64,31 @@ pub struct Reader {
     keys: Mutex<HashMap<(u32, u32), Key>>,
     segments: Mutex<HashMap<(u32, u64), Arc<SegmentEntry>>>,
     chunks: quick_cache::sync::Cache<ChunkKey, Bytes, ChunkWeight>,
+    /// Open views per disk id: sequence number → how many. Retention leaves alone what an open
+    /// view still reads.
+    leases: Arc<Mutex<HashMap<u32, std::collections::BTreeMap<u64, usize>>>>,
     pub stats: ReaderStats,
+}
+
+/// Held by every open view; retention does not roll up past the oldest leased sequence.
+struct Lease {
+    leases: Arc<Mutex<HashMap<u32, std::collections::BTreeMap<u64, usize>>>>,
+    disk_id: u32,
+    seq: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut all = self.leases.lock().expect("lock");
+        if let Some(seqs) = all.get_mut(&self.disk_id) {
+            if let Some(n) = seqs.get_mut(&self.seq) {
+                *n -= 1;
+                if *n == 0 {
+                    seqs.remove(&self.seq);
+                }
+            }
+        }
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -90,6 +114,7 @@ impl Reader {
             keys: Mutex::new(HashMap::new()),
             segments: Mutex::new(HashMap::new()),
             chunks: quick_cache::sync::Cache::with_weighter(items, cache_bytes.max(16 << 20), ChunkWeight),
+            leases: Arc::new(Mutex::new(HashMap::new())),
             stats: ReaderStats::default(),
         })
     }
@@ -204,11 +229,44 @@ impl Reader {
                 format!("recovery point {} does not cover {machine}/{disk}", point.id),
             )
         })?;
-        Ok(PointView {
-            reader: self.clone(),
-            disk: meta,
+        Ok(self.view_at(meta, seq))
+    }
+
+    /// A view of a disk at any sequence number (retention reads the base image's content this way).
+    pub fn view_at(self: &Arc<Self>, disk: DiskMeta, seq: u64) -> PointView {
+        *self
+            .leases
+            .lock()
+            .expect("lock")
+            .entry(disk.id)
+            .or_default()
+            .entry(seq)
+            .or_default() += 1;
+        let lease = Arc::new(Lease {
+            leases: self.leases.clone(),
+            disk_id: disk.id,
             seq,
-        })
+        });
+        PointView {
+            reader: self.clone(),
+            disk,
+            seq,
+            _lease: lease,
+        }
+    }
+
+    /// The oldest sequence number an open view of `disk_id` reads, if any view is open.
+    pub fn oldest_open_view(&self, disk_id: u32) -> Option<u64> {
+        self.leases
+            .lock()
+            .expect("lock")
+            .get(&disk_id)
+            .and_then(|s| s.keys().next().copied())
+    }
+
+    /// Forgets cached catalogue entries of a disk (after retention replaced its segments).
+    pub fn forget_segments(&self, disk_id: u32) {
+        self.segments.lock().expect("lock").retain(|(d, _), _| *d != disk_id);
     }
 
     async fn data_key(&self, disk: &DiskMeta, key_id: u32) -> io::Result<Key> {
@@ -309,6 +367,7 @@ pub struct PointView {
     reader: Arc<Reader>,
     disk: DiskMeta,
     seq: u64,
+    _lease: Arc<Lease>,
 }
 
 impl PointView {

@@ -86,6 +86,18 @@ pub mod layout {
             "machines/{machine}/disks/{disk}/segments/{first:020}-{last:020}.lbseg"
         ))
     }
+    /// The manifest naming a disk's current base image (see `BaseManifest`).
+    pub fn base_manifest(machine: &str, disk: &str) -> Path {
+        Path::from(format!("machines/{machine}/disks/{disk}/base.json"))
+    }
+    pub fn base_dir(machine: &str, disk: &str) -> Path {
+        Path::from(format!("machines/{machine}/disks/{disk}/base"))
+    }
+    pub fn base_part(machine: &str, disk: &str, generation: u64, part: u32) -> Path {
+        Path::from(format!(
+            "machines/{machine}/disks/{disk}/base/{generation:012}-{part:06}.lbseg"
+        ))
+    }
     /// The sequence range a segment name carries.
     pub fn parse_segment_name(path: &Path) -> Option<(u64, u64)> {
         let name = path.filename()?.strip_suffix(".lbseg")?;
@@ -191,6 +203,61 @@ pub async fn put_wrapped_key(store: &dyn ObjectStore, w: &WrappedKey) -> Result<
         }
     }
     Ok(())
+}
+
+/// A disk's base image: the blocks as they were at `through_seq`, in segment-format parts whose
+/// records all carry that sequence number. Retention writes a new generation, then this manifest
+/// (the switch), then deletes what the old generation and the rolled-up log segments held.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseManifest {
+    pub format: String,
+    pub version: u32,
+    pub machine: String,
+    pub disk: String,
+    pub generation: u64,
+    pub through_seq: u64,
+    pub parts: Vec<String>,
+    /// BLAKE3 of this document's JSON with `checksum` empty.
+    pub checksum: String,
+}
+
+impl BaseManifest {
+    pub fn new(machine: &str, disk: &str, generation: u64, through_seq: u64, parts: Vec<String>) -> Self {
+        let mut m = Self {
+            format: "lifeboat-base".into(),
+            version: 1,
+            machine: machine.into(),
+            disk: disk.into(),
+            generation,
+            through_seq,
+            parts,
+            checksum: String::new(),
+        };
+        m.checksum = m.digest();
+        m
+    }
+
+    fn digest(&self) -> String {
+        let mut plain = self.clone();
+        plain.checksum.clear();
+        blake3::hash(&serde_json::to_vec(&plain).expect("json")).to_hex().to_string()
+    }
+}
+
+/// Reads a disk's base manifest, checking its checksum, format and owner.
+pub async fn get_base_manifest(
+    store: &dyn ObjectStore,
+    machine: &str,
+    disk: &str,
+) -> Result<Option<BaseManifest>, BlobError> {
+    let path = layout::base_manifest(machine, disk);
+    let Some(m) = get_json::<BaseManifest>(store, &path).await? else {
+        return Ok(None);
+    };
+    if m.format != "lifeboat-base" || m.version != 1 || m.machine != machine || m.disk != disk || m.digest() != m.checksum {
+        return Err(CryptoError::Unauthentic(format!("{path}: checksum, format or owner mismatch")).into());
+    }
+    Ok(Some(m))
 }
 
 /// Loads and unwraps a disk's data key.

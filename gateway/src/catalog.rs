@@ -3,13 +3,15 @@
 //! GET) and the extent index that finds, for any block and recovery point, the write to read.
 //!
 //! ```text
-//! segments: disk_id u32 ‖ first_seq u64          → SegmentEntry (versioned, CRC32C)
+//! segments: disk_id u32 ‖ segment id u64         → SegmentEntry (versioned, CRC32C)
+//!           disk_id u32 ‖ u64::MAX                → BaseState
 //! extents:  disk_id u32 ‖ block u64 ‖ seq u64    → ExtentVersion (versioned, CRC32C)
 //! ```
 //! Keys are big-endian, so the versions of one block sort by sequence number and one
 //! `seek_for_prev(disk ‖ block ‖ point_seq)` lands on the newest version a point sees. A write
 //! that covers only part of a block is followed by older versions until the block is covered.
-//! Both families are derived data: `lifeboat index rebuild` refills them from blob storage alone.
+//! A log segment's id is its `first_seq`; a base image part's id has the top bit set (see
+//! [`base_part_id`]). Both families are derived data: `lifeboat index rebuild` refills them from blob storage alone.
 
 use bytes::{Buf, BufMut};
 use rocksdb::{WriteBatch, DB};
@@ -22,6 +24,90 @@ pub const CF_EXTENTS: &str = "extents";
 /// Granularity of the extent index: 64 KiB, the agent's block size.
 pub const INDEX_BLOCK: u64 = crate::journal::BLOCK_SIZE;
 const FORMAT_VERSION: u8 = 1;
+/// Segment ids with this bit are base image parts.
+pub const BASE_ID: u64 = 1 << 63;
+const BASE_STATE_ID: u64 = u64::MAX;
+
+/// The catalogue id of part `part` of base generation `generation`.
+pub fn base_part_id(generation: u64, part: u32) -> u64 {
+    BASE_ID | ((generation & 0xff_ffff_ffff) << 22) | (part as u64 & 0x3f_ffff)
+}
+
+/// Which base image generation the catalogue holds for a disk, and the sequence it is at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BaseState {
+    pub generation: u64,
+    pub through_seq: u64,
+}
+
+impl BaseState {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = vec![FORMAT_VERSION];
+        v.put_u64(self.generation);
+        v.put_u64(self.through_seq);
+        seal(v)
+    }
+    fn decode(v: &[u8]) -> Result<Self, CatalogError> {
+        let mut b = unseal(v, "base state")?;
+        if b.len() != 16 {
+            return Err(corrupt("base state", "wrong length"));
+        }
+        Ok(Self {
+            generation: b.get_u64(),
+            through_seq: b.get_u64(),
+        })
+    }
+}
+
+/// The base image state of a disk (default: none yet).
+pub fn base_state(db: &DB, disk_id: u32) -> Result<BaseState, CatalogError> {
+    let segs = db.cf_handle(CF_SEGMENTS).expect("segments cf");
+    match db.get_pinned_cf(segs, segment_key(disk_id, BASE_STATE_ID))? {
+        Some(v) => BaseState::decode(&v),
+        None => Ok(BaseState::default()),
+    }
+}
+
+pub fn put_base_state(db: &DB, wb: &mut WriteBatch, disk_id: u32, state: BaseState) {
+    let segs = db.cf_handle(CF_SEGMENTS).expect("segments cf");
+    wb.put_cf(segs, segment_key(disk_id, BASE_STATE_ID), state.encode());
+}
+
+/// Removes a segment's catalogue entry (its extents are removed by the caller).
+pub fn delete_segment(db: &DB, wb: &mut WriteBatch, disk_id: u32, id: u64) {
+    let segs = db.cf_handle(CF_SEGMENTS).expect("segments cf");
+    wb.delete_cf(segs, segment_key(disk_id, id));
+}
+
+/// Every extent key of a disk with seq ≤ `through`, grouped by block in block order.
+pub fn extents_through(db: &DB, disk_id: u32, through: u64) -> Result<Vec<(u64, Vec<u64>)>, CatalogError> {
+    let exts = db.cf_handle(CF_EXTENTS).expect("extents cf");
+    let mut it = db.raw_iterator_cf(exts);
+    it.seek(disk_id.to_be_bytes());
+    let mut out: Vec<(u64, Vec<u64>)> = Vec::new();
+    while let Some(k) = it.key() {
+        if k.len() != 20 || k[..4] != disk_id.to_be_bytes() {
+            break;
+        }
+        let block = u64::from_be_bytes(k[4..12].try_into().expect("8 bytes"));
+        let seq = u64::from_be_bytes(k[12..].try_into().expect("8 bytes"));
+        if seq <= through {
+            match out.last_mut() {
+                Some((b, seqs)) if *b == block => seqs.push(seq),
+                _ => out.push((block, vec![seq])),
+            }
+        }
+        it.next();
+    }
+    it.status()?;
+    Ok(out)
+}
+
+/// Removes one extent key.
+pub fn delete_extent(db: &DB, wb: &mut WriteBatch, disk_id: u32, block: u64, seq: u64) {
+    let exts = db.cf_handle(CF_EXTENTS).expect("extents cf");
+    wb.delete_cf(exts, extent_key(disk_id, block, seq));
+}
 
 #[derive(Debug, Error)]
 pub enum CatalogError {
@@ -172,7 +258,7 @@ pub struct ExtentVersion {
     pub seq: u64,
     /// `Write` (data in a segment chunk) or `Zero` (reads as zeros).
     pub kind: RecordKind,
-    /// The segment holding the data: its `first_seq`.
+    /// The catalogue id of the segment holding the data.
     pub segment: u64,
     pub chunk: u32,
     /// Offset, in the chunk's decompressed bytes, of the byte at block offset `start`.
@@ -233,12 +319,13 @@ pub fn extent_key(disk_id: u32, block: u64, seq: u64) -> [u8; 20] {
     k
 }
 
-/// Adds a sealed segment and the extents of its records to `wb`. `positions` is
-/// `segment::record_positions(records)`. Idempotent: re-indexing a segment writes the same keys.
-pub fn index_segment(db: &DB, wb: &mut WriteBatch, disk_id: u32, entry: &SegmentEntry, records: &[LogRecord]) {
+/// Adds a sealed segment (catalogue id `id`: `first_seq` for log segments, [`base_part_id`] for
+/// base parts) and the extents of its records to `wb`. Idempotent: re-indexing a segment writes
+/// the same keys.
+pub fn index_segment(db: &DB, wb: &mut WriteBatch, disk_id: u32, id: u64, entry: &SegmentEntry, records: &[LogRecord]) {
     let segs = db.cf_handle(CF_SEGMENTS).expect("segments cf");
     let exts = db.cf_handle(CF_EXTENTS).expect("extents cf");
-    wb.put_cf(segs, segment_key(disk_id, entry.first_seq), entry.encode());
+    wb.put_cf(segs, segment_key(disk_id, id), entry.encode());
     let positions = crate::segment::record_positions(records);
     for (r, (chunk, payload_pos)) in records.iter().zip(positions) {
         if !matches!(r.kind, RecordKind::Write | RecordKind::Zero) || r.len == 0 {
@@ -257,7 +344,7 @@ pub fn index_segment(db: &DB, wb: &mut WriteBatch, disk_id: u32, entry: &Segment
             let v = ExtentVersion {
                 seq: r.seq,
                 kind: r.kind,
-                segment: entry.first_seq,
+                segment: id,
                 chunk,
                 pos: pos as u32,
                 start: start as u32,
@@ -276,17 +363,20 @@ pub fn segment(db: &DB, disk_id: u32, first_seq: u64) -> Result<Option<SegmentEn
         .transpose()
 }
 
-/// Every segment entry of a disk, in sequence order.
-pub fn segments(db: &DB, disk_id: u32) -> Result<Vec<SegmentEntry>, CatalogError> {
+/// Every segment entry of a disk with its id: log segments in sequence order, then base parts.
+pub fn segments(db: &DB, disk_id: u32) -> Result<Vec<(u64, SegmentEntry)>, CatalogError> {
     let segs = db.cf_handle(CF_SEGMENTS).expect("segments cf");
     let mut it = db.raw_iterator_cf(segs);
     it.seek(disk_id.to_be_bytes());
     let mut out = Vec::new();
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
-        if !k.starts_with(&disk_id.to_be_bytes()) {
+        if !k.starts_with(&disk_id.to_be_bytes()) || k.len() != 12 {
             break;
         }
-        out.push(SegmentEntry::decode(v)?);
+        let id = u64::from_be_bytes(k[4..].try_into().expect("8 bytes"));
+        if id != BASE_STATE_ID {
+            out.push((id, SegmentEntry::decode(v)?));
+        }
         it.next();
     }
     it.status()?;
@@ -388,7 +478,7 @@ mod tests {
             chunks: vec![],
         };
         let mut wb = WriteBatch::default();
-        index_segment(&db, &mut wb, 7, &entry, &records);
+        index_segment(&db, &mut wb, 7, 1, &entry, &records);
         db.write(wb).unwrap();
         let full = |_| (64 << 10) as u32;
         let at = |seq| block_versions(&db, 7, 0..3, seq, full).unwrap();

@@ -204,6 +204,11 @@ enum Command {
         machine: String,
         reply: oneshot::Sender<Result<(), JournalError>>,
     },
+    ReserveCounters {
+        disk_id: u32,
+        n: u64,
+        reply: oneshot::Sender<Result<(u32, u64), JournalError>>,
+    },
 }
 
 /// Shared, read-mostly state; only the writer thread mutates it.
@@ -447,6 +452,13 @@ impl Journal {
         .await
     }
 
+    /// Reserves `n` segment counters (nonce prefixes) of a disk for segments written outside the
+    /// upload path (retention's base image); returns the disk's current key id and the first
+    /// counter. The reservation is synced before the answer, so a counter is never handed out twice.
+    pub async fn reserve_counters(&self, disk_id: u32, n: u64) -> Result<(u32, u64), JournalError> {
+        self.call(|reply| Command::ReserveCounters { disk_id, n, reply }).await
+    }
+
     /// Drops a segment's records from the journal once it is durable in blob storage; `bytes` is
     /// what they took in the journal (the sum of their journal value lengths).
     pub async fn segment_uploaded(&self, plan: SegmentPlan, bytes: u64) -> Result<(), JournalError> {
@@ -586,6 +598,19 @@ impl Journal {
         let stored = u64_value(self.db.get_cf(meta, NEXT_DISK_KEY)?) as u32;
         let used = self.disks().iter().map(|d| d.id + 1).max().unwrap_or(1);
         Ok(stored.max(used).max(1))
+    }
+
+    /// Removes recovery points from the catalogue (retention), synced (blocking).
+    pub fn drop_points(&self, machine: &str, ids: &[u64]) -> Result<(), JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let mut wb = WriteBatch::default();
+        for id in ids {
+            wb.delete_cf(meta, point_key(machine, *id));
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(wb, &wo)?;
+        Ok(())
     }
 
     /// The newest recovery point of a machine (blocking read).
@@ -735,6 +760,17 @@ impl Writer {
                     reply,
                 } => {
                     let r = self.register_disk(&mut g, &machine, &disk, size, key_id);
+                    replies.push(deferred_reply(reply, r));
+                }
+                Command::ReserveCounters { disk_id, n, reply } => {
+                    let r = match self.disk_mut(&mut g, disk_id) {
+                        Some(d) => {
+                            let first = d.next_counter;
+                            d.next_counter += n;
+                            Ok((d.key_id, first))
+                        }
+                        None => Err(JournalError::Corrupt(format!("counters for unknown disk {disk_id}"))),
+                    };
                     replies.push(deferred_reply(reply, r));
                 }
                 Command::PlanSegment {

@@ -16,7 +16,7 @@ use crate::crypto::{Key, WrappedKey};
 use crate::journal::{checksum_key, point_kind_name, prepare, DiskMeta, Journal, RecoveryPoint, CF_CHECKSUMS};
 use crate::protocol::IngestRecord;
 use crate::record::RecordKind;
-use crate::replay::{list_segments, ReplayError};
+use crate::replay::{list_segments, read_object, ReplayError};
 use crate::segment::SegmentIndex;
 use crate::server::DiskDescriptor;
 
@@ -77,9 +77,30 @@ pub async fn rebuild(
         };
         let mut keys: HashMap<u32, Key> = HashMap::new();
         let mut expected = 1u64;
+        // The base image first (if retention made one), then the log after it.
+        if let Some(base) = blob::get_base_manifest(store, machine, disk).await? {
+            for (part, path) in base.parts.iter().enumerate() {
+                progress(path);
+                let path = Path::from(path.as_str());
+                let (index, records) = read_object(store, kek, &mut keys, machine, disk, &path).await?;
+                let id = catalog::base_part_id(base.generation, part as u32);
+                let n = index_records(journal, disk_id, id, &path, &index, records, desc.size).await?.0;
+                summary.records += n;
+                summary.segments += 1;
+            }
+            let db = journal.db().clone();
+            let state = catalog::BaseState {
+                generation: base.generation,
+                through_seq: base.through_seq,
+            };
+            let mut wb = rocksdb::WriteBatch::default();
+            catalog::put_base_state(&db, &mut wb, disk_id, state);
+            db.write(wb).map_err(db_error)?;
+            expected = base.through_seq + 1;
+        }
         for seg in list_segments(store, machine, disk).await? {
             if seg.last_seq < expected {
-                continue; // superseded (e.g. left behind by an interrupted roll-up)
+                continue; // rolled into the base, or left behind by an interrupted roll-up
             }
             if seg.first_seq != expected {
                 return Err(ReplayError::Gap {
@@ -89,72 +110,10 @@ pub async fn rebuild(
                     found: seg.first_seq,
                 });
             }
-            let name = seg.path.to_string();
-            progress(&name);
-            let data = store.get(&seg.path).await?.bytes().await?;
-            let (header, _) = crate::segment::SegmentHeader::decode(&data, &name)?;
-            if header.machine != machine || header.disk != disk {
-                return Err(ReplayError::Misplaced {
-                    name,
-                    found: format!("{}/{}", header.machine, header.disk),
-                    expected: format!("{machine}/{disk}"),
-                });
-            }
-            if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(header.key_id) {
-                let k = blob::get_data_key(store, kek, machine, disk, header.key_id)
-                    .await?
-                    .ok_or_else(|| ReplayError::MissingKey {
-                        machine: machine.into(),
-                        disk: disk.into(),
-                        key_id: header.key_id,
-                    })?;
-                e.insert(k);
-            }
-            let key = keys[&header.key_id].clone();
-            let db = journal.db().clone();
-            let disk_name = disk.to_owned();
-            let size = desc.size;
-            let found = tokio::task::spawn_blocking(move || -> Result<_, ReplayError> {
-                let (index, key) = SegmentIndex::from_object(&data, |_| Ok(key.clone()), &name)?;
-                let records = index.read_all(&key, &data, &name)?;
-                let entry = SegmentEntry::from_index(&name, &index);
-                let mut wb = rocksdb::WriteBatch::default();
-                catalog::index_segment(&db, &mut wb, disk_id, &entry, &records);
-                // The delta-sync checksums, replayed in sequence order, so the agent's next sync
-                // sends exactly the blocks that differ from the replica.
-                let sums = db.cf_handle(CF_CHECKSUMS).expect("checksums cf");
-                for r in records.iter().filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Zero)) {
-                    let ingest = IngestRecord {
-                        kind: r.kind,
-                        disk: String::new(),
-                        offset: r.offset,
-                        len: r.len,
-                        payload: r.payload.clone(),
-                    };
-                    for (block, sum) in prepare(ingest, size).checksums {
-                        match sum {
-                            Some(s) => wb.put_cf(sums, checksum_key(disk_id, block), s),
-                            None => wb.delete_cf(sums, checksum_key(disk_id, block)),
-                        }
-                    }
-                }
-                db.write(wb).map_err(|e| ReplayError::Io {
-                    path: "catalogue".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                let marks: Vec<(u64, u64, u64, RecordKind, String)> = records
-                    .iter()
-                    .filter(|r| matches!(r.kind, RecordKind::Bookmark | RecordKind::CrashPoint))
-                    .map(|r| {
-                        let label = String::from_utf8_lossy(&r.payload).into_owned();
-                        (r.offset, r.seq, r.time_ms, r.kind, label)
-                    })
-                    .collect();
-                Ok((records.len() as u64, marks, disk_name))
-            })
-            .await
-            .expect("index task")?;
-            let (n, marks, disk_name) = found;
+            progress(seg.path.as_ref());
+            let (index, records) = read_object(store, kek, &mut keys, machine, disk, &seg.path).await?;
+            let (n, marks) =
+                index_records(journal, disk_id, seg.first_seq, &seg.path, &index, records, desc.size).await?;
             for (id, seq, time_ms, kind, label) in marks {
                 let p = points.entry(id).or_insert_with(|| RecoveryPoint {
                     id,
@@ -164,7 +123,7 @@ pub async fn rebuild(
                     label,
                     seqs: BTreeMap::new(),
                 });
-                p.seqs.insert(disk_name.clone(), seq);
+                p.seqs.insert(disk.to_owned(), seq);
             }
             summary.records += n;
             summary.segments += 1;
@@ -199,6 +158,62 @@ pub async fn rebuild(
             source: std::io::Error::other(e.to_string()),
         })?;
     Ok(summary)
+}
+
+fn db_error(e: rocksdb::Error) -> ReplayError {
+    ReplayError::Io {
+        path: "catalogue".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// A point record found in the log: `(point id, seq, time_ms, kind, label)`.
+type PointMark = (u64, u64, u64, RecordKind, String);
+
+/// Writes one segment's catalogue entry, extents and delta-sync checksums; returns its record
+/// count and the point records it holds.
+async fn index_records(
+    journal: &Journal,
+    disk_id: u32,
+    id: u64,
+    path: &Path,
+    index: &SegmentIndex,
+    records: Vec<crate::record::LogRecord>,
+    size: u64,
+) -> Result<(u64, Vec<PointMark>), ReplayError> {
+    let db = journal.db().clone();
+    let entry = SegmentEntry::from_index(path.as_ref(), index);
+    tokio::task::spawn_blocking(move || -> Result<_, ReplayError> {
+        let mut wb = rocksdb::WriteBatch::default();
+        catalog::index_segment(&db, &mut wb, disk_id, id, &entry, &records);
+        // The delta-sync checksums, replayed in sequence order, so the agent's next sync sends
+        // exactly the blocks that differ from the replica.
+        let sums = db.cf_handle(CF_CHECKSUMS).expect("checksums cf");
+        for r in records.iter().filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Zero)) {
+            let ingest = IngestRecord {
+                kind: r.kind,
+                disk: String::new(),
+                offset: r.offset,
+                len: r.len,
+                payload: r.payload.clone(),
+            };
+            for (block, sum) in prepare(ingest, size).checksums {
+                match sum {
+                    Some(s) => wb.put_cf(sums, checksum_key(disk_id, block), s),
+                    None => wb.delete_cf(sums, checksum_key(disk_id, block)),
+                }
+            }
+        }
+        db.write(wb).map_err(db_error)?;
+        let marks = records
+            .iter()
+            .filter(|r| matches!(r.kind, RecordKind::Bookmark | RecordKind::CrashPoint))
+            .map(|r| (r.offset, r.seq, r.time_ms, r.kind, String::from_utf8_lossy(&r.payload).into_owned()))
+            .collect();
+        Ok((records.len() as u64, marks))
+    })
+    .await
+    .expect("index task")
 }
 
 /// The object path of a disk's descriptor.

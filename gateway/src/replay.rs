@@ -38,6 +38,13 @@ pub enum ReplayError {
     },
     #[error("record seq {seq} writes {offset}+{len}, beyond the {size}-byte image")]
     OutOfRange { seq: u64, offset: u64, len: u64, size: u64 },
+    #[error("{machine}/{disk} at seq {seq} is past retention: the base image starts at seq {base}")]
+    Expired {
+        machine: String,
+        disk: String,
+        seq: u64,
+        base: u64,
+    },
     #[error("data key {key_id} of {machine}/{disk} is not in blob storage")]
     MissingKey { machine: String, disk: String, key_id: u32 },
     #[error("image {path}: {source}")]
@@ -76,30 +83,24 @@ pub async fn list_segments(store: &dyn ObjectStore, machine: &str, disk: &str) -
     Ok(out)
 }
 
-/// Reads, authenticates and decodes one whole segment.
-pub async fn read_segment(
+/// Reads, authenticates and decodes one whole segment object (log segment or base part) of
+/// `machine/disk`; returns its index (header, chunk table) and records.
+pub async fn read_object(
     store: &dyn ObjectStore,
     kek: &Key,
     keys: &mut HashMap<u32, Key>,
     machine: &str,
     disk: &str,
-    seg: &SegmentRef,
-) -> Result<Vec<LogRecord>, ReplayError> {
-    let name = seg.path.to_string();
-    let data = store.get(&seg.path).await?.bytes().await?;
+    path: &object_store::path::Path,
+) -> Result<(SegmentIndex, Vec<LogRecord>), ReplayError> {
+    let name = path.to_string();
+    let data = store.get(path).await?.bytes().await?;
     let (header, _) = crate::segment::SegmentHeader::decode(&data, &name)?;
-    if header.machine != machine
-        || header.disk != disk
-        || header.first_seq != seg.first_seq
-        || header.last_seq != seg.last_seq
-    {
+    if header.machine != machine || header.disk != disk {
         return Err(ReplayError::Misplaced {
             name,
-            found: format!(
-                "{}/{} seq {}..={}",
-                header.machine, header.disk, header.first_seq, header.last_seq
-            ),
-            expected: format!("{machine}/{disk} seq {}..={}", seg.first_seq, seg.last_seq),
+            found: format!("{}/{}", header.machine, header.disk),
+            expected: format!("{machine}/{disk}"),
         });
     }
     if let std::collections::hash_map::Entry::Vacant(e) = keys.entry(header.key_id) {
@@ -113,12 +114,34 @@ pub async fn read_segment(
         e.insert(k);
     }
     let key = keys[&header.key_id].clone();
-    let records = tokio::task::spawn_blocking(move || -> Result<Vec<LogRecord>, SegmentError> {
+    let decoded = tokio::task::spawn_blocking(move || -> Result<_, SegmentError> {
         let (index, key) = SegmentIndex::from_object(&data, |_| Ok(key.clone()), &name)?;
-        index.read_all(&key, &data, &name)
+        let records = index.read_all(&key, &data, &name)?;
+        Ok((index, records))
     })
     .await
     .expect("decode task")?;
+    Ok(decoded)
+}
+
+/// Reads, authenticates and decodes one whole log segment, checking it is the one listed.
+pub async fn read_segment(
+    store: &dyn ObjectStore,
+    kek: &Key,
+    keys: &mut HashMap<u32, Key>,
+    machine: &str,
+    disk: &str,
+    seg: &SegmentRef,
+) -> Result<Vec<LogRecord>, ReplayError> {
+    let (index, records) = read_object(store, kek, keys, machine, disk, &seg.path).await?;
+    let h = &index.header;
+    if h.first_seq != seg.first_seq || h.last_seq != seg.last_seq {
+        return Err(ReplayError::Misplaced {
+            name: seg.path.to_string(),
+            found: format!("seq {}..={}", h.first_seq, h.last_seq),
+            expected: format!("seq {}..={}", seg.first_seq, seg.last_seq),
+        });
+    }
     Ok(records)
 }
 
@@ -159,6 +182,36 @@ pub async fn replay_disk(
     let mut keys = HashMap::new();
     let mut outcome = ReplayOutcome::default();
     let file = std::sync::Arc::new(file);
+    // Start from the base image, if retention rolled the oldest log into one.
+    if let Some(base) = blob::get_base_manifest(store, machine, disk).await? {
+        if until < base.through_seq {
+            return Err(ReplayError::Expired {
+                machine: machine.into(),
+                disk: disk.into(),
+                seq: until,
+                base: base.through_seq,
+            });
+        }
+        for part in &base.parts {
+            let path = object_store::path::Path::from(part.as_str());
+            let (index, records) = read_object(store, kek, &mut keys, machine, disk, &path).await?;
+            if index.header.first_seq != base.through_seq || index.header.last_seq != base.through_seq {
+                return Err(ReplayError::Misplaced {
+                    name: part.clone(),
+                    found: format!("seq {}..={}", index.header.first_seq, index.header.last_seq),
+                    expected: format!("base through seq {}", base.through_seq),
+                });
+            }
+            let f = file.clone();
+            let path = image.display().to_string();
+            let (n, _) = tokio::task::spawn_blocking(move || apply_records(&f, &records, size, &path))
+                .await
+                .expect("apply task")?;
+            outcome.records += n;
+            outcome.segments += 1;
+        }
+        outcome.last_seq = base.through_seq;
+    }
     for seg in list_segments(store, machine, disk).await? {
         if seg.last_seq <= outcome.last_seq {
             continue; // fully covered by what is applied (a re-upload of an older range)

@@ -418,9 +418,13 @@ impl SegmentIndex {
             let end = end.ok_or_else(|| corrupt(format!("chunk {i} lies outside the object")))?;
             out.extend(self.open_chunk(key, i, &data[c.offset as usize..end as usize], name)?);
         }
+        // Log segments hold strictly increasing sequence numbers; a base image part (first_seq ==
+        // last_seq) holds many records that all carry that one number.
+        let base = self.header.first_seq == self.header.last_seq;
         let mut prev: Option<u64> = None;
         for r in &out {
-            if prev.is_some_and(|p| r.seq <= p) || r.seq < self.header.first_seq || r.seq > self.header.last_seq {
+            let out_of_order = prev.is_some_and(|p| if base { r.seq != p } else { r.seq <= p });
+            if out_of_order || r.seq < self.header.first_seq || r.seq > self.header.last_seq {
                 return Err(corrupt(format!("record sequence {} out of order or range", r.seq)));
             }
             prev = Some(r.seq);

@@ -217,7 +217,7 @@ impl Uploader {
         let db = self.journal.db().clone();
         tokio::task::spawn_blocking(move || {
             let mut wb = rocksdb::WriteBatch::default();
-            catalog::index_segment(&db, &mut wb, id, &entry, &records);
+            catalog::index_segment(&db, &mut wb, id, entry.first_seq, &entry, &records);
             db.write(wb)
         })
         .await??;
