@@ -173,7 +173,16 @@ async fn every_point_reads_back_over_nbd_and_survives_an_index_rebuild() {
     assert_export_equals(&app, &format!("m1/disk0@{}", p1.id), &at1, &scratch);
     assert_export_equals(&app, &format!("m1/disk0@{p2_id}"), &at2, &scratch);
     assert_export_equals(&app, &format!("m1/disk0@{}", p3.id), &at3, &scratch);
+    // The same point again: every chunk comes from the chunk cache, none from blob storage.
+    let fetches = app.metric("lifeboat_chunk_fetches_total");
+    assert!(fetches > 0.0);
     assert_export_equals(&app, "m1/disk0@latest", &at3, &scratch);
+    assert_eq!(
+        app.metric("lifeboat_chunk_fetches_total"),
+        fetches,
+        "a cached chunk was fetched again"
+    );
+    assert!(app.metric("lifeboat_chunk_cache_hits_total") > 0.0);
     let just_after_p1 = lifeboat_fs::pit::format_time((p1.time_ms / 1000 + 1) * 1000);
     if points
         .iter()
@@ -350,4 +359,83 @@ async fn retention_rolls_expired_points_into_the_base_image() {
     fresh.restart();
     assert!(fresh.points("m1").iter().any(|p| p.id == p2.id));
     assert_export_equals(&fresh, &format!("m1/disk0@{}", p2.id), &at2, &scratch);
+}
+
+/// The roll-up dies (abort, like kill -9) at each of its steps in turn; after a restart every
+/// retained point reads back exactly, the roll-up completes, and what it left behind is swept.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_roll_up_survives_a_crash_at_every_step() {
+    const SIZE: u64 = 16 << 20;
+    for step in ["retention-after-parts", "retention-after-manifest", "retention-after-catalogue"] {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = BlobTarget::Local(dir.path().join("blob"));
+        let extra = "[policy]\ncrash_consistent_interval = \"1h\"\nretention = \"10s\"\n";
+        let mut app = Appliance::start_with_env(
+            &dir.path().join("appliance"),
+            &blob,
+            extra,
+            &[("LIFEBOAT_FAILPOINT", step)],
+        );
+        let src = dir.path().join("disk0.raw");
+        gateway::testkit::make_disk(&src, SIZE, 31).unwrap();
+        let synced = app.sync("m1", &[&src]);
+        wait_uploaded(
+            blob.store().as_ref(),
+            "m1",
+            "disk0",
+            synced.disks[0].last_seq,
+            Duration::from_secs(60),
+        )
+        .await;
+        // The bookmark is the only point, in a segment of its own: the log before it goes into
+        // the base at once.
+        let out = app.agent("bookmark", "m1").args(["--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let ack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let point = ack["point"].as_u64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while app.is_running() {
+            assert!(Instant::now() < deadline, "{step}: the failpoint was never reached");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        app.env.clear();
+        app.restart();
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir_all(&scratch).unwrap();
+        wait_readable(&app, "m1", point);
+        assert_export_equals(&app, &format!("m1/disk0@{point}"), &src, &scratch);
+        // The roll-up completes and sweeps: only the manifest's parts and later segments remain.
+        let store = blob.store();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let base = gateway::blob::get_base_manifest(store.as_ref(), "m1", "disk0").await.unwrap();
+            let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0").await.unwrap();
+            let parts: Vec<String> = futures::TryStreamExt::try_collect::<Vec<_>>(
+                store.list(Some(&gateway::blob::layout::base_dir("m1", "disk0"))),
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.location.to_string())
+            .collect();
+            if let Some(b) = &base {
+                let mut listed = b.parts.clone();
+                listed.sort();
+                let mut found = parts.clone();
+                found.sort();
+                if segs.iter().all(|s| s.last_seq > b.through_seq) && listed == found && b.through_seq > 0 {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{step}: roll-up not completed: base {base:?}, parts {parts:?}, segments {:?}",
+                segs.iter().map(|s| (s.first_seq, s.last_seq)).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_export_equals(&app, &format!("m1/disk0@{point}"), &src, &scratch);
+        let replayed = replay(store.as_ref(), "m1", "disk0", SIZE, None, &scratch.join("r.raw")).await;
+        assert_same_image(&replayed, &std::fs::read(&src).unwrap(), &format!("{step}: replay"));
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, Gauge, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Gauge, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -22,9 +22,16 @@ pub struct HostMetrics {
     net_rx: IntGauge,
     net_tx: IntGauge,
     uptime: IntGauge,
+    /// More gauges to refresh at each scrape (the read side's).
+    hooks: Mutex<Vec<Box<dyn Fn() + Send>>>,
 }
 
 impl HostMetrics {
+    /// Runs `f` before each scrape is encoded.
+    pub fn on_scrape(&self, f: impl Fn() + Send + 'static) {
+        self.hooks.lock().expect("lock").push(Box::new(f));
+    }
+
     pub fn new(registry: &Registry, data_dir: PathBuf) -> Arc<Self> {
         let build = IntGaugeVec::new(
             Opts::new("lifeboat_build_info", "Build information; always 1."),
@@ -71,6 +78,7 @@ impl HostMetrics {
                 "Bytes transmitted on all interfaces since boot.",
             ),
             uptime: g("lifeboat_host_uptime_seconds", "Host uptime."),
+            hooks: Mutex::new(Vec::new()),
         };
         Arc::new(m)
     }
@@ -100,7 +108,85 @@ impl HostMetrics {
         self.net_tx
             .set(nets.values().map(|n| n.total_transmitted()).sum::<u64>() as i64);
         self.uptime.set(sysinfo::System::uptime() as i64);
+        drop(guard);
+        for hook in self.hooks.lock().expect("lock").iter() {
+            hook();
+        }
     }
+}
+
+/// A counter mirrored from an atomic the read side keeps.
+fn mirror(registry: &Registry, name: &str, help: &str) -> impl Fn(u64) {
+    let c = IntCounter::new(name, help).expect("metric");
+    registry.register(Box::new(c.clone())).expect("register");
+    move |v| {
+        let now = c.get();
+        if v > now {
+            c.inc_by(v - now);
+        }
+    }
+}
+
+/// The master target's metrics: NBD clients and traffic, the chunk cache, recovery points.
+pub fn register_read_side(
+    registry: &Registry,
+    host: &HostMetrics,
+    nbd: Arc<lifeboat_fs::nbd::NbdStats>,
+    reader: Arc<lifeboat_fs::pit::Reader>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let clients = IntGauge::new("lifeboat_nbd_clients", "NBD client connections open now.").expect("metric");
+    registry.register(Box::new(clients.clone())).expect("register");
+    let requests = mirror(registry, "lifeboat_nbd_requests_total", "NBD requests served.");
+    let read = mirror(registry, "lifeboat_nbd_read_bytes_total", "Bytes read by NBD clients.");
+    let errors = mirror(registry, "lifeboat_nbd_errors_total", "NBD requests answered with an error.");
+    let hits = mirror(registry, "lifeboat_chunk_cache_hits_total", "Chunk reads served from the chunk cache.");
+    let fetches = mirror(
+        registry,
+        "lifeboat_chunk_fetches_total",
+        "Chunks fetched from blob storage (ranged GETs).",
+    );
+    let fetched = mirror(
+        registry,
+        "lifeboat_chunk_fetched_bytes_total",
+        "Bytes fetched from blob storage by the read side.",
+    );
+    let points = IntGaugeVec::new(
+        Opts::new("lifeboat_recovery_points", "Recovery points per machine."),
+        &["machine"],
+    )
+    .expect("metric");
+    registry.register(Box::new(points.clone())).expect("register");
+    let oldest = prometheus::GaugeVec::new(
+        Opts::new(
+            "lifeboat_recovery_point_oldest_age_seconds",
+            "Age of the oldest recovery point per machine.",
+        ),
+        &["machine"],
+    )
+    .expect("metric");
+    registry.register(Box::new(oldest.clone())).expect("register");
+    host.on_scrape(move || {
+        let s = nbd.snapshot();
+        clients.set(s.connections_active as i64);
+        requests(s.requests);
+        read(s.bytes_read);
+        errors(s.errors);
+        hits(reader.stats.chunk_hits.load(Relaxed));
+        fetches(reader.stats.chunk_fetches.load(Relaxed));
+        fetched(reader.stats.fetched_bytes.load(Relaxed));
+        let now = lifeboat_fs::pit::now_ms();
+        for m in reader.machines() {
+            if let Ok(p) = reader.points(&m) {
+                points.with_label_values(&[&m]).set(p.len() as i64);
+                if let Some(o) = p.iter().map(|p| p.time_ms).min() {
+                    oldest
+                        .with_label_values(&[&m])
+                        .set(now.saturating_sub(o) as f64 / 1000.0);
+                }
+            }
+        }
+    });
 }
 
 /// Serves `/metrics` until shutdown.

@@ -87,6 +87,7 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         ready.insert("nbd".into(), metrics::addr_of(&listener).to_string().into());
         let exports = lifeboat_fs::exports::PointExports::new(reader.clone());
         let nbd = std::sync::Arc::new(lifeboat_fs::nbd::NbdServer::new(exports));
+        metrics::register_read_side(&registry, &host, nbd.stats(), reader.clone());
         tasks.push(tokio::spawn(nbd.serve(listener, until_shutdown(shutdown.clone()))));
     }
     if roles.iter().any(|r| r == "config") {

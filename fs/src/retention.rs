@@ -39,6 +39,15 @@ pub struct Retention {
     keep_for: Duration,
 }
 
+/// Crash tests: `LIFEBOAT_FAILPOINT=NAME` aborts the process (like kill -9) when a roll-up reaches
+/// step NAME, so a test can prove that every step is safe to die at.
+fn failpoint(name: &str) {
+    if std::env::var("LIFEBOAT_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("lifeboat: failpoint {name} reached; aborting");
+        std::process::abort();
+    }
+}
+
 fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
@@ -134,7 +143,13 @@ impl Retention {
             tracing::debug!(machine = %disk.machine, disk = %disk.disk, "roll-up waits for an open view of an old point");
             return Ok(());
         }
-        let generation = base.generation + 1;
+        // Past any generation an interrupted run published, so a part name is never reused
+        // while a manifest still points at it.
+        let published = blob::get_base_manifest(self.blob.store.as_ref(), &disk.machine, &disk.disk)
+            .await?
+            .map(|m| m.generation)
+            .unwrap_or(0);
+        let generation = base.generation.max(published) + 1;
         let old_parts: Vec<u64> = entries
             .iter()
             .map(|(sid, _)| *sid)
@@ -192,6 +207,7 @@ impl Retention {
             parts.push(entry.path);
         }
         drop(view);
+        failpoint("retention-after-parts");
         // (2) The switch.
         let manifest = BaseManifest::new(
             &disk.machine,
@@ -206,6 +222,7 @@ impl Retention {
                 Bytes::from(serde_json::to_vec_pretty(&manifest)?),
             )
             .await?;
+        failpoint("retention-after-manifest");
         // (3) The catalogue, in one batch: old extents out, base extents in.
         let rolled_ids: Vec<u64> = rolled.iter().map(|(sid, _)| *sid).collect();
         let rolled_paths: Vec<String> = rolled.iter().map(|(_, e)| e.path.clone()).collect();
@@ -237,6 +254,7 @@ impl Retention {
             .await??;
         }
         self.reader.forget_segments(disk.id);
+        failpoint("retention-after-catalogue");
         out.segments_rolled += rolled_paths.len();
         tracing::info!(machine = %disk.machine, disk = %disk.disk, through, generation, parts = parts.len(), rolled = rolled_paths.len(), "log rolled into the base image");
         // (4) What nothing needs any more.

@@ -71,6 +71,8 @@ pub struct Appliance {
     pub cert: PathBuf,
     pub passphrase_file: PathBuf,
     pub config: PathBuf,
+    /// Extra environment for the server process (e.g. `LIFEBOAT_FAILPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Appliance {
@@ -87,13 +89,22 @@ impl Appliance {
             blob.toml()
         );
         std::fs::write(&config, text).unwrap();
-        Self::launch(dir.to_path_buf(), config, passphrase_file)
+        Self::launch(dir.to_path_buf(), config, passphrase_file, Vec::new())
     }
 
-    fn launch(dir: PathBuf, config: PathBuf, passphrase_file: PathBuf) -> Self {
+    /// Like `start`, with extra environment for the server process.
+    pub fn start_with_env(dir: &Path, blob: &BlobTarget, extra_toml: &str, env: &[(&str, &str)]) -> Self {
+        let mut app = Self::start(dir, blob, extra_toml);
+        app.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        app.restart();
+        app
+    }
+
+    fn launch(dir: PathBuf, config: PathBuf, passphrase_file: PathBuf, env: Vec<(String, String)>) -> Self {
         let mut child = Command::new(lifeboat_bin())
             .args(["serve", "--json", "--config"])
             .arg(&config)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "warn,gateway=info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -129,13 +140,19 @@ impl Appliance {
             child: Some(child),
             passphrase_file,
             config,
+            env,
         }
     }
 
     /// Starts the appliance again on the same config and data.
     pub fn restart(&mut self) {
         self.stop();
-        let next = Self::launch(self.dir.clone(), self.config.clone(), self.passphrase_file.clone());
+        let next = Self::launch(
+            self.dir.clone(),
+            self.config.clone(),
+            self.passphrase_file.clone(),
+            self.env.clone(),
+        );
         *self = next;
     }
 
