@@ -302,7 +302,10 @@ async fn retention_rolls_expired_points_into_the_base_image() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let points = app.points("m1");
-    assert!(points.iter().any(|p| p.id == p2.id), "p2 is inside retention: {points:?}");
+    assert!(
+        points.iter().any(|p| p.id == p2.id),
+        "p2 is inside retention: {points:?}"
+    );
     assert!(points.iter().all(|p| p.time_ms >= p1.time_ms), "{points:?}");
     let nbd = app.nbd.clone();
     let bad = Command::new("nbdinfo")
@@ -316,7 +319,10 @@ async fn retention_rolls_expired_points_into_the_base_image() {
     let store = blob.store();
     let deadline = Instant::now() + Duration::from_secs(30);
     let base = loop {
-        if let Some(m) = gateway::blob::get_base_manifest(store.as_ref(), "m1", "disk0").await.unwrap() {
+        if let Some(m) = gateway::blob::get_base_manifest(store.as_ref(), "m1", "disk0")
+            .await
+            .unwrap()
+        {
             if m.through_seq >= p1.seqs["disk0"] {
                 break m;
             }
@@ -326,8 +332,13 @@ async fn retention_rolls_expired_points_into_the_base_image() {
     };
     assert!(base.through_seq < p2.seqs["disk0"]);
     assert!(!base.parts.is_empty());
-    let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0").await.unwrap();
-    assert!(segs.iter().all(|s| s.last_seq > base.through_seq), "rolled-up segments are deleted");
+    let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0")
+        .await
+        .unwrap();
+    assert!(
+        segs.iter().all(|s| s.last_seq > base.through_seq),
+        "rolled-up segments are deleted"
+    );
     let names = |v: &[gateway::replay::SegmentRef]| v.iter().map(|s| (s.first_seq, s.last_seq)).collect::<Vec<_>>();
     assert!(
         segs.len() < segments_before.len(),
@@ -340,7 +351,15 @@ async fn retention_rolls_expired_points_into_the_base_image() {
     let scratch = dir.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     assert_export_equals(&app, &format!("m1/disk0@{}", p2.id), &at2, &scratch);
-    let replayed = replay(store.as_ref(), "m1", "disk0", SIZE, Some(p2.seqs["disk0"]), &scratch.join("r.raw")).await;
+    let replayed = replay(
+        store.as_ref(),
+        "m1",
+        "disk0",
+        SIZE,
+        Some(p2.seqs["disk0"]),
+        &scratch.join("r.raw"),
+    )
+    .await;
     assert_same_image(&replayed, &std::fs::read(&at2).unwrap(), "replay over the base image");
 
     // And a new appliance rebuilt from blob storage serves them too.
@@ -355,7 +374,11 @@ async fn retention_rolls_expired_points_into_the_base_image() {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "index rebuild: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "index rebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     fresh.restart();
     assert!(fresh.points("m1").iter().any(|p| p.id == p2.id));
     assert_export_equals(&fresh, &format!("m1/disk0@{}", p2.id), &at2, &scratch);
@@ -366,7 +389,11 @@ async fn retention_rolls_expired_points_into_the_base_image() {
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_roll_up_survives_a_crash_at_every_step() {
     const SIZE: u64 = 16 << 20;
-    for step in ["retention-after-parts", "retention-after-manifest", "retention-after-catalogue"] {
+    for step in [
+        "retention-after-parts",
+        "retention-after-manifest",
+        "retention-after-catalogue",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let blob = BlobTarget::Local(dir.path().join("blob"));
         let extra = "[policy]\ncrash_consistent_interval = \"1h\"\nretention = \"10s\"\n";
@@ -408,8 +435,12 @@ async fn retention_roll_up_survives_a_crash_at_every_step() {
         let store = blob.store();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let base = gateway::blob::get_base_manifest(store.as_ref(), "m1", "disk0").await.unwrap();
-            let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0").await.unwrap();
+            let base = gateway::blob::get_base_manifest(store.as_ref(), "m1", "disk0")
+                .await
+                .unwrap();
+            let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0")
+                .await
+                .unwrap();
             let parts: Vec<String> = futures::TryStreamExt::try_collect::<Vec<_>>(
                 store.list(Some(&gateway::blob::layout::base_dir("m1", "disk0"))),
             )

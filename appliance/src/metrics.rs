@@ -139,8 +139,16 @@ pub fn register_read_side(
     registry.register(Box::new(clients.clone())).expect("register");
     let requests = mirror(registry, "lifeboat_nbd_requests_total", "NBD requests served.");
     let read = mirror(registry, "lifeboat_nbd_read_bytes_total", "Bytes read by NBD clients.");
-    let errors = mirror(registry, "lifeboat_nbd_errors_total", "NBD requests answered with an error.");
-    let hits = mirror(registry, "lifeboat_chunk_cache_hits_total", "Chunk reads served from the chunk cache.");
+    let errors = mirror(
+        registry,
+        "lifeboat_nbd_errors_total",
+        "NBD requests answered with an error.",
+    );
+    let hits = mirror(
+        registry,
+        "lifeboat_chunk_cache_hits_total",
+        "Chunk reads served from the chunk cache.",
+    );
     let fetches = mirror(
         registry,
         "lifeboat_chunk_fetches_total",

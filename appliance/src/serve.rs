@@ -78,8 +78,12 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
     if let (Some(reader), Some(ps)) = (&reader, &process) {
         // Retention runs where the catalogue is: a tenth of the retention window, 1 s to 1 min.
         let every = (cfg.policy.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let retention =
-            lifeboat_fs::retention::Retention::new(reader.clone(), ps.blob.clone(), ps.kek.clone(), cfg.policy.retention);
+        let retention = lifeboat_fs::retention::Retention::new(
+            reader.clone(),
+            ps.blob.clone(),
+            ps.kek.clone(),
+            cfg.policy.retention,
+        );
         tasks.push(tokio::spawn(retention.run(every, shutdown.clone())));
     }
     if let Some(reader) = &reader {

@@ -233,7 +233,10 @@ fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let pts = list_points()?;
-        if pts.as_array().is_some_and(|v| v.iter().any(|p| p["id"] == point && p["readable"] == true)) {
+        if pts
+            .as_array()
+            .is_some_and(|v| v.iter().any(|p| p["id"] == point && p["readable"] == true))
+        {
             break;
         }
         if Instant::now() > deadline {
@@ -248,7 +251,20 @@ fn main() -> anyhow::Result<()> {
     let qport = free_port();
     let qemu = Server(
         Command::new("qemu-nbd")
-            .args(["-r", "-t", "-e", "8", "-f", "raw", "-b", "127.0.0.1", "-p", &qport.to_string(), "-x", "raw"])
+            .args([
+                "-r",
+                "-t",
+                "-e",
+                "8",
+                "-f",
+                "raw",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &qport.to_string(),
+                "-x",
+                "raw",
+            ])
             .arg(&disk)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -275,7 +291,10 @@ fn main() -> anyhow::Result<()> {
     drop(qemu);
     let (lb50, lb99) = (percentile(&lb_lat, 0.5), percentile(&lb_lat, 0.99));
     let (q50, q99) = (percentile(&q_lat, 0.5), percentile(&q_lat, 0.99));
-    println!("recovery point: {} MiB disk, base + {} overlay syncs, {segments} segments", a.size_mib, a.overlays);
+    println!(
+        "recovery point: {} MiB disk, base + {} overlay syncs, {segments} segments",
+        a.size_mib, a.overlays
+    );
     println!("sequential nbdcopy (median of {}):", a.runs);
     println!("  lifeboat  {lb_mbps:8.0} MB/s");
     println!("  qemu-nbd  {q_mbps:8.0} MB/s");

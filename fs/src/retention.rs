@@ -99,7 +99,9 @@ impl Retention {
             return Ok(());
         };
         let cutoff = now_ms().saturating_sub(self.keep_for.as_millis() as u64);
-        let (expired, kept): (Vec<_>, Vec<_>) = points.into_iter().partition(|p| p.time_ms < cutoff && p.time_ms < newest);
+        let (expired, kept): (Vec<_>, Vec<_>) = points
+            .into_iter()
+            .partition(|p| p.time_ms < cutoff && p.time_ms < newest);
         if !expired.is_empty() {
             let journal = self.reader.journal().clone();
             let ids: Vec<u64> = expired.iter().map(|p| p.id).collect();
@@ -128,7 +130,10 @@ impl Retention {
         let (entries, base) = {
             let db = db.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                Ok((catalog::segments(&db, id).map_err(err)?, catalog::base_state(&db, id).map_err(err)?))
+                Ok((
+                    catalog::segments(&db, id).map_err(err)?,
+                    catalog::base_state(&db, id).map_err(err)?,
+                ))
             })
             .await??
         };
@@ -162,9 +167,15 @@ impl Retention {
             tokio::task::spawn_blocking(move || catalog::extents_through(&db, id, through)).await??
         };
         let view = self.reader.view_at(disk.clone(), through);
-        let key = gateway::blob::get_data_key(self.blob.store.as_ref(), &self.kek, &disk.machine, &disk.disk, disk.key_id)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("data key {} of {}/{} is missing", disk.key_id, disk.machine, disk.disk))?;
+        let key = gateway::blob::get_data_key(
+            self.blob.store.as_ref(),
+            &self.kek,
+            &disk.machine,
+            &disk.disk,
+            disk.key_id,
+        )
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("data key {} of {}/{} is missing", disk.key_id, disk.machine, disk.disk))?;
         // The catalogue switch is built along the way and written in one batch at (3): first the
         // old versions out, then each part's extents in as the part lands.
         let mut wb = rocksdb::WriteBatch::default();
@@ -196,26 +207,24 @@ impl Retention {
             if pending_bytes >= SEGMENT_MAX_BYTES {
                 let records = std::mem::take(&mut pending);
                 pending_bytes = 0;
-                let (sid, entry, records) = self.write_part(disk, &key, generation, parts.len() as u32, records).await?;
+                let (sid, entry, records) = self
+                    .write_part(disk, &key, generation, parts.len() as u32, records)
+                    .await?;
                 catalog::index_segment(&db, &mut wb, id, sid, &entry, &records);
                 parts.push(entry.path);
             }
         }
         if !pending.is_empty() {
-            let (sid, entry, records) = self.write_part(disk, &key, generation, parts.len() as u32, pending).await?;
+            let (sid, entry, records) = self
+                .write_part(disk, &key, generation, parts.len() as u32, pending)
+                .await?;
             catalog::index_segment(&db, &mut wb, id, sid, &entry, &records);
             parts.push(entry.path);
         }
         drop(view);
         failpoint("retention-after-parts");
         // (2) The switch.
-        let manifest = BaseManifest::new(
-            &disk.machine,
-            &disk.disk,
-            generation,
-            through,
-            parts.clone(),
-        );
+        let manifest = BaseManifest::new(&disk.machine, &disk.disk, generation, through, parts.clone());
         self.blob
             .put_durable(
                 &layout::base_manifest(&disk.machine, &disk.disk),
@@ -284,7 +293,12 @@ impl Retention {
         records: Vec<LogRecord>,
     ) -> anyhow::Result<(u64, SegmentEntry, Vec<LogRecord>)> {
         let (key_id, counter) = self.reader.journal().reserve_counters(disk.id, 1).await?;
-        anyhow::ensure!(key_id == disk.key_id, "the data key of {}/{} changed", disk.machine, disk.disk);
+        anyhow::ensure!(
+            key_id == disk.key_id,
+            "the data key of {}/{} changed",
+            disk.machine,
+            disk.disk
+        );
         let path = layout::base_part(&disk.machine, &disk.disk, generation, part);
         let name = path.to_string();
         let (machine, d, key) = (disk.machine.clone(), disk.disk.clone(), key.clone());

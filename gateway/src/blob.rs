@@ -240,7 +240,9 @@ impl BaseManifest {
     fn digest(&self) -> String {
         let mut plain = self.clone();
         plain.checksum.clear();
-        blake3::hash(&serde_json::to_vec(&plain).expect("json")).to_hex().to_string()
+        blake3::hash(&serde_json::to_vec(&plain).expect("json"))
+            .to_hex()
+            .to_string()
     }
 }
 
@@ -254,7 +256,12 @@ pub async fn get_base_manifest(
     let Some(m) = get_json::<BaseManifest>(store, &path).await? else {
         return Ok(None);
     };
-    if m.format != "lifeboat-base" || m.version != 1 || m.machine != machine || m.disk != disk || m.digest() != m.checksum {
+    if m.format != "lifeboat-base"
+        || m.version != 1
+        || m.machine != machine
+        || m.disk != disk
+        || m.digest() != m.checksum
+    {
         return Err(CryptoError::Unauthentic(format!("{path}: checksum, format or owner mismatch")).into());
     }
     Ok(Some(m))

@@ -84,7 +84,9 @@ pub async fn rebuild(
                 let path = Path::from(path.as_str());
                 let (index, records) = read_object(store, kek, &mut keys, machine, disk, &path).await?;
                 let id = catalog::base_part_id(base.generation, part as u32);
-                let n = index_records(journal, disk_id, id, &path, &index, records, desc.size).await?.0;
+                let n = index_records(journal, disk_id, id, &path, &index, records, desc.size)
+                    .await?
+                    .0;
                 summary.records += n;
                 summary.segments += 1;
             }
@@ -189,7 +191,10 @@ async fn index_records(
         // The delta-sync checksums, replayed in sequence order, so the agent's next sync sends
         // exactly the blocks that differ from the replica.
         let sums = db.cf_handle(CF_CHECKSUMS).expect("checksums cf");
-        for r in records.iter().filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Zero)) {
+        for r in records
+            .iter()
+            .filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Zero))
+        {
             let ingest = IngestRecord {
                 kind: r.kind,
                 disk: String::new(),
@@ -208,7 +213,15 @@ async fn index_records(
         let marks = records
             .iter()
             .filter(|r| matches!(r.kind, RecordKind::Bookmark | RecordKind::CrashPoint))
-            .map(|r| (r.offset, r.seq, r.time_ms, r.kind, String::from_utf8_lossy(&r.payload).into_owned()))
+            .map(|r| {
+                (
+                    r.offset,
+                    r.seq,
+                    r.time_ms,
+                    r.kind,
+                    String::from_utf8_lossy(&r.payload).into_owned(),
+                )
+            })
             .collect();
         Ok((records.len() as u64, marks))
     })
