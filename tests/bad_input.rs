@@ -238,10 +238,24 @@ async fn corrupt_segment_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let blob_dir = dir.path().join("blob");
     let blob = BlobTarget::Local(blob_dir.clone());
-    let app = Appliance::start(&dir.path().join("appliance"), &blob, "");
+    let app = Appliance::start(
+        &dir.path().join("appliance"),
+        &blob,
+        "[policy]\ncrash_consistent_interval = \"1s\"\n",
+    );
     let disk = dir.path().join("d.img");
     make_disk(&disk, 16 * MIB, 9).unwrap();
     let s = app.sync("m1", &[&disk]);
+    // A readable recovery point over the whole sync, before the damage.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !app
+        .points("m1")
+        .iter()
+        .any(|p| p.readable && p.seqs["disk0"] > s.disks[0].last_seq)
+    {
+        assert!(std::time::Instant::now() < deadline, "no readable point");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let store = blob.store();
     wait_uploaded(
         store.as_ref(),
@@ -278,6 +292,22 @@ async fn corrupt_segment_is_refused_by_name() {
     .unwrap_err()
     .to_string();
     assert!(err.contains(victim.path.as_ref()), "the error names the segment: {err}");
+
+    // Over NBD the damaged chunk is an I/O error for that read, not a crash: the client fails,
+    // the error is counted, and the server keeps serving.
+    let copy = std::process::Command::new("nbdcopy")
+        .arg(app.nbd_uri("m1/disk0@latest"))
+        .arg("null:")
+        .output()
+        .expect("nbdcopy (apt-get install libnbd-bin)");
+    assert!(!copy.status.success(), "a read of the damaged chunk must fail");
+    assert!(app.metric("lifeboat_nbd_errors_total") > 0.0);
+    let list = std::process::Command::new("nbdinfo")
+        .args(["--list", &format!("nbd://{}", app.nbd)])
+        .output()
+        .unwrap();
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    assert!(String::from_utf8_lossy(&list.stdout).contains("m1/disk0@latest"));
 
     // The CLI says the same, and a wrong passphrase is its own clear error.
     let out = std::process::Command::new(lifeboat_bin())

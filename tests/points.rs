@@ -318,27 +318,27 @@ async fn retention_rolls_expired_points_into_the_base_image() {
     // the oldest retained point), and those log segments are gone.
     let store = blob.store();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let base = loop {
-        if let Some(m) = gateway::blob::get_base_manifest(store.as_ref(), "m1", "disk0")
+    // (The manifest switches before the rolled segments are deleted: wait for both.)
+    let (base, segs) = loop {
+        let m = gateway::blob::get_base_manifest(store.as_ref(), "m1", "disk0")
             .await
-            .unwrap()
-        {
-            if m.through_seq >= p1.seqs["disk0"] {
-                break m;
+            .unwrap();
+        let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0")
+            .await
+            .unwrap();
+        if let Some(m) = m.filter(|m| m.through_seq >= p1.seqs["disk0"]) {
+            if segs.iter().all(|s| s.last_seq > m.through_seq) {
+                break (m, segs);
             }
         }
-        assert!(Instant::now() < deadline, "no base image was written");
+        assert!(
+            Instant::now() < deadline,
+            "the log before the oldest retained point was not rolled up and deleted"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     assert!(base.through_seq < p2.seqs["disk0"]);
     assert!(!base.parts.is_empty());
-    let segs = gateway::replay::list_segments(store.as_ref(), "m1", "disk0")
-        .await
-        .unwrap();
-    assert!(
-        segs.iter().all(|s| s.last_seq > base.through_seq),
-        "rolled-up segments are deleted"
-    );
     let names = |v: &[gateway::replay::SegmentRef]| v.iter().map(|s| (s.first_seq, s.last_seq)).collect::<Vec<_>>();
     assert!(
         segs.len() < segments_before.len(),

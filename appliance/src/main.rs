@@ -5,6 +5,7 @@
 mod config;
 mod management;
 mod metrics;
+mod mount;
 mod secrets;
 mod serve;
 
@@ -62,6 +63,10 @@ enum Command {
     /// The read side's catalogue and extent index.
     #[command(subcommand)]
     Index(IndexCommand),
+    /// Mount the recovery points read-only (FUSE): MOUNTPOINT/MACHINE/POINT/DISK.img and the
+    /// files of each disk's ext2/3/4 partitions under MOUNTPOINT/MACHINE/POINT/DISK/pN/. Stays in
+    /// the foreground until Ctrl-C or `fusermount3 -u MOUNTPOINT`.
+    Mount(mount::MountArgs),
     /// Print the embedded default configuration as TOML.
     DefaultConfig,
 }
@@ -431,6 +436,7 @@ fn main() -> ExitCode {
             Command::Replay(a) => replay(a).await,
             Command::Points(PointsCommand::List { conn, machine, json }) => points_list(conn, machine, json).await,
             Command::Index(IndexCommand::Rebuild { config, json }) => index_rebuild(config, json).await,
+            Command::Mount(args) => mount::run(args).await,
             Command::DefaultConfig => {
                 print!("{}", toml::to_string_pretty(&config::Config::default())?);
                 Ok(())

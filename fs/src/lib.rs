@@ -4,7 +4,9 @@
 //! the base image.
 
 pub mod exports;
+pub mod fuse;
 pub mod nbd;
+pub mod nbd_client;
 pub mod pit;
 pub mod retention;
 pub mod view;
