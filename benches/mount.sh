@@ -13,7 +13,7 @@
 # Needs: e2fsprogs (mkfs.ext4), fuse3 (fusermount3), restic, python3.
 set -euo pipefail
 
-LIFEBOAT="${LIFEBOAT:-${CARGO_TARGET_DIR:-/var/tmp/lifeboat-target}/release/lifeboat}"
+LIFEBOAT="${LIFEBOAT:-${CARGO_TARGET_DIR:-target}/release/lifeboat}"
 FILES="${FILES:-10000}"
 RUNS="${RUNS:-3}"
 for t in "$LIFEBOAT" mkfs.ext4 fusermount3 restic python3; do
