@@ -63,9 +63,11 @@ enum Command {
     /// The read side's catalogue and extent index.
     #[command(subcommand)]
     Index(IndexCommand),
-    /// Mount the recovery points read-only (FUSE): MOUNTPOINT/MACHINE/POINT/DISK.img and the
-    /// files of each disk's ext2/3/4 partitions under MOUNTPOINT/MACHINE/POINT/DISK/pN/. Stays in
-    /// the foreground until Ctrl-C or `fusermount3 -u MOUNTPOINT`.
+    /// Browse recovery points as files (FUSE, read-only).
+    ///
+    /// MOUNTPOINT/MACHINE/POINT/DISK.img is the raw disk at that point; the files of each disk's
+    /// ext2/3/4 partitions are under MOUNTPOINT/MACHINE/POINT/DISK/pN/. Stays in the foreground
+    /// until Ctrl-C or `fusermount3 -u MOUNTPOINT`.
     Mount(mount::MountArgs),
     /// Print the embedded default configuration as TOML.
     DefaultConfig,
