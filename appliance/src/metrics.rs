@@ -137,6 +137,13 @@ pub fn register_read_side(
     use std::sync::atomic::Ordering::Relaxed;
     let clients = IntGauge::new("lifeboat_nbd_clients", "NBD client connections open now.").expect("metric");
     registry.register(Box::new(clients.clone())).expect("register");
+    // Not wired yet: stays 0 until FUSE mounts are served by the appliance.
+    let fuse = IntGauge::new(
+        "lifeboat_fuse_clients",
+        "FUSE mounts of recovery points open now (always 0 until FUSE mounts are served).",
+    )
+    .expect("metric");
+    registry.register(Box::new(fuse)).expect("register");
     let requests = mirror(registry, "lifeboat_nbd_requests_total", "NBD requests served.");
     let read = mirror(registry, "lifeboat_nbd_read_bytes_total", "Bytes read by NBD clients.");
     let errors = mirror(
@@ -195,6 +202,36 @@ pub fn register_read_side(
             }
         }
     });
+}
+
+/// The process server's derived metrics (RPO, churn, cache time to full, machine state; see
+/// `gateway::metrics`): sets the policy's RPO threshold, refreshes them before each scrape, and
+/// returns a task that refreshes them every second until shutdown, so the RPO threshold warning
+/// is logged even when nothing scrapes.
+pub fn register_process_side(
+    host: &HostMetrics,
+    gw: gateway::metrics::GatewayMetrics,
+    journal: gateway::journal::Journal,
+    rpo_threshold: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    gw.rpo_threshold_seconds.set(rpo_threshold.as_secs_f64());
+    {
+        let (gw, journal) = (gw.clone(), journal.clone());
+        host.on_scrape(move || gw.refresh(&journal));
+    }
+    async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let (gw, journal) = (gw.clone(), journal.clone());
+            let _ = tokio::task::spawn_blocking(move || gw.refresh(&journal)).await;
+        }
+    }
 }
 
 /// Serves `/metrics` until shutdown.

@@ -63,6 +63,13 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
             router,
             shutdown.clone(),
         )));
+        tasks.push(tokio::spawn(metrics::register_process_side(
+            &host,
+            gw_metrics.clone(),
+            ps.journal.clone(),
+            cfg.policy.rpo_threshold,
+            shutdown.clone(),
+        )));
         process = Some(ps);
     }
     // The master target reads what this appliance's process server catalogued.

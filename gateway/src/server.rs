@@ -426,6 +426,7 @@ async fn batch(
         match s.journal.commit(&machine, session, batch_no, attempt).await {
             Ok(ack) => break ack,
             Err(JournalError::CacheFull { .. }) if Instant::now() < deadline => {
+                s.metrics.note_held_back();
                 prepared = Some(keep);
                 let _ = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), freed).await;
             }
@@ -445,7 +446,7 @@ async fn batch(
         s.metrics.ingest_batches.inc();
         for (disk, n) in per_disk {
             if !disk.is_empty() {
-                s.metrics.ingest_bytes.with_label_values(&[&machine, &disk]).inc_by(n);
+                s.metrics.record_ingest(&machine, &disk, n);
             }
         }
     }

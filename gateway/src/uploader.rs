@@ -139,6 +139,7 @@ impl Uploader {
                     let wait = backoff(attempt);
                     tracing::warn!(machine = %disk.machine, disk = %disk.disk, error = %e, retry_in = ?wait, "segment upload failed; the journal keeps the data");
                     tokio::time::sleep(wait).await;
+                    self.metrics.upload_retries.inc();
                     attempt += 1;
                 }
             }
@@ -225,6 +226,7 @@ impl Uploader {
         self.metrics.uploaded_bytes.inc_by(len as u64);
         self.metrics.compressed_in_bytes.inc_by(raw as u64);
         self.metrics.segments_uploaded.inc();
+        self.metrics.record_drained(journal_bytes);
         tracing::debug!(segment = %path, bytes = len, raw, "segment uploaded");
         Ok(true)
     }
