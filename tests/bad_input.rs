@@ -341,3 +341,49 @@ async fn corrupt_segment_is_refused_by_name() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
 }
+
+/// The management API: no token 401, a wrong token 401, an agent's token 403, an unknown machine
+/// 404 with a message; the OpenAPI document describes what is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn management_api_refuses_unauthenticated_and_agent_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(
+        &dir.path().join("appliance"),
+        &BlobTarget::Local(dir.path().join("blob")),
+        "",
+    );
+    let c = client(&app);
+    let url = |p: &str| format!("https://{}{p}", app.management);
+    let admin = std::fs::read_to_string(dir.path().join("appliance/data/admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let agent = token(&c, &app, "m1").await;
+    let get = |path: &'static str, bearer: Option<String>| {
+        let mut r = c.get(url(path));
+        if let Some(t) = bearer {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/api/machines", None).await.0, 401);
+    assert_eq!(get("/api/machines", Some("not-a-token".into())).await.0, 401);
+    let (status, body) = get("/api/machines", Some(agent)).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("agent tokens"), "{body}");
+    assert_eq!(get("/api/machines", Some(admin.clone())).await.0, 200);
+    let (status, body) = get("/api/machines/nosuch/points", Some(admin)).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("unknown machine"), "{body}");
+    let (status, body) = get("/api/openapi.json", None).await;
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    for p in ["/api/machines", "/api/machines/{machine}/points", "/api/health"] {
+        assert!(doc["paths"][p].is_object(), "OpenAPI lacks {p}");
+    }
+}

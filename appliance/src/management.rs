@@ -5,6 +5,7 @@
 //! | method | path | answer |
 //! |---|---|---|
 //! | GET | `/api/health` | `{status, version}` (no token needed) |
+//! | GET | `/api/openapi.json` | the OpenAPI 3 description (no token needed) |
 //! | GET | `/api/machines` | machines and their disks |
 //! | GET | `/api/machines/M/points` | recovery points of M, newest first |
 
@@ -55,16 +56,72 @@ fn authorize(s: &ManagementState, headers: &HeaderMap) -> Result<(), (StatusCode
         })?;
     // Compare digests: the time taken does not depend on where the tokens differ.
     let presented = blake3::hash(token.trim().as_bytes());
-    if presented
+    let admin = presented
         .as_bytes()
         .iter()
         .zip(&s.admin_hash)
         .fold(0u8, |a, (x, y)| a | (x ^ y))
-        != 0
-    {
-        return Err(error(StatusCode::UNAUTHORIZED, "wrong admin token"));
+        == 0;
+    if admin {
+        return Ok(());
     }
-    Ok(())
+    // A valid agent token is authenticated but not allowed here.
+    let is_agent = s
+        .reader
+        .as_ref()
+        .and_then(|r| r.journal().token_machine(presented.as_bytes()).ok().flatten())
+        .is_some();
+    if is_agent {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "agent tokens cannot call admin endpoints; use the admin token",
+        ));
+    }
+    Err(error(StatusCode::UNAUTHORIZED, "wrong admin token"))
+}
+
+/// The OpenAPI description of this API (served without a token).
+fn openapi() -> serde_json::Value {
+    let machine = serde_json::json!({"name": "machine", "in": "path", "required": true, "schema": {"type": "string"}});
+    let error_body = serde_json::json!({"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}});
+    let errors = serde_json::json!({
+        "401": {"description": "missing or wrong admin token", "content": error_body},
+        "403": {"description": "an agent token on an admin endpoint", "content": error_body}
+    });
+    let mut points_responses = errors.clone();
+    points_responses["200"] = serde_json::json!({"description": "recovery points, newest first",
+        "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Point"}}}}});
+    points_responses["404"] = serde_json::json!({"description": "unknown machine", "content": error_body});
+    let mut machines_responses = errors;
+    machines_responses["200"] = serde_json::json!({"description": "protected machines and their disks",
+        "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}}}}});
+    serde_json::json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Lifeboat management API", "version": env!("CARGO_PKG_VERSION")},
+        "security": [{"admin": []}],
+        "paths": {
+            "/api/health": {"get": {"summary": "liveness", "security": [], "responses": {"200": {"description": "ok"}}}},
+            "/api/openapi.json": {"get": {"summary": "this document", "security": [], "responses": {"200": {"description": "OpenAPI 3"}}}},
+            "/api/machines": {"get": {"summary": "protected machines", "responses": machines_responses}},
+            "/api/machines/{machine}/points": {"get": {"summary": "recovery points of a machine", "parameters": [machine], "responses": points_responses}}
+        },
+        "components": {
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer", "description": "the token in DATA_DIR/admin-token"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "Disk": {"type": "object", "properties": {
+                    "disk": {"type": "string"}, "size": {"type": "integer"},
+                    "acked_through": {"type": "integer"}, "uploaded_through": {"type": "integer"}}},
+                "Machine": {"type": "object", "properties": {
+                    "machine": {"type": "string"}, "disks": {"type": "array", "items": {"$ref": "#/components/schemas/Disk"}}}},
+                "Point": {"type": "object", "required": ["id", "time", "kind", "label"], "properties": {
+                    "id": {"type": "integer"}, "machine": {"type": "string"}, "time": {"type": "string", "format": "date-time"},
+                    "time_ms": {"type": "integer"}, "kind": {"type": "string", "enum": ["crash-consistent", "app-consistent"]},
+                    "label": {"type": "string"}, "seqs": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "readable": {"type": "boolean"}}}
+            }
+        }
+    })
 }
 
 fn reader(s: &ManagementState) -> Result<Arc<Reader>, (StatusCode, Json<ErrorBody>)> {
@@ -138,6 +195,7 @@ pub fn router(state: Arc<ManagementState>) -> Router {
             "/api/health",
             get(|| async { Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }),
         )
+        .route("/api/openapi.json", get(|| async { Json(openapi()) }))
         .route("/api/machines", get(machines))
         .route("/api/machines/{machine}/points", get(points))
         .with_state(state)
