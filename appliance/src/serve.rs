@@ -160,6 +160,9 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
             },
             tls.fingerprint
         );
+        if let Some(f) = ready.get("admin_token_file").and_then(|v| v.as_str()) {
+            println!("  admin token  {f} (for `lifeboat points`, `lifeboat mount`)");
+        }
         if new_passphrase {
             println!(
                 "  Registration passphrase (shown once; kept in {}):\n    {passphrase}",
