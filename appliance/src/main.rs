@@ -63,6 +63,10 @@ enum Command {
     /// The read side's catalogue and extent index.
     #[command(subcommand)]
     Index(IndexCommand),
+    /// Replication policies: crash-consistent interval, app-consistent frequency, retention, RPO
+    /// threshold (through the management API).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Browse recovery points as files (FUSE, read-only).
     ///
     /// MOUNTPOINT/MACHINE/POINT/DISK.img is the raw disk at that point; the files of each disk's
@@ -132,6 +136,47 @@ enum PointsCommand {
         /// Print a JSON array (id, time, kind, label, seqs, readable).
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// List the policies and the machines assigned to each.
+    List {
+        #[command(flatten)]
+        conn: management::AdminConnection,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create or change a policy; unset fields keep their current (or default) values.
+    Set {
+        #[command(flatten)]
+        conn: management::AdminConnection,
+        /// The policy's name (`default` is the one every machine follows unless assigned).
+        name: String,
+        /// How often a crash-consistent point is cut, e.g. 5m.
+        #[arg(long)]
+        crash_consistent_interval: Option<String>,
+        /// How often an app-consistent point is wanted, e.g. 4h.
+        #[arg(long)]
+        app_consistent_interval: Option<String>,
+        /// How long recovery points are kept, at most 72h.
+        #[arg(long)]
+        retention: Option<String>,
+        /// RPO above which a warning is raised, e.g. 15m.
+        #[arg(long)]
+        rpo_threshold: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a machine follow a policy.
+    Assign {
+        #[command(flatten)]
+        conn: management::AdminConnection,
+        #[arg(long)]
+        machine: String,
+        /// The policy's name.
+        policy: String,
     },
 }
 
@@ -356,6 +401,80 @@ async fn points_list(conn: management::AdminConnection, machine: String, json: b
     Ok(())
 }
 
+async fn policy_command(cmd: PolicyCommand) -> anyhow::Result<()> {
+    use management::NamedPolicy;
+    match cmd {
+        PolicyCommand::List { conn, json } => {
+            let client = management::Client::connect(&conn)?;
+            let list: Vec<NamedPolicy> = client.get("/api/policies").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:>10} {:>10} {:>10} {:>10}  machines",
+                "name", "crash", "app", "retention", "rpo"
+            );
+            for p in list {
+                println!(
+                    "{:<16} {:>10} {:>10} {:>10} {:>10}  {}",
+                    p.name,
+                    p.policy.crash_consistent_interval,
+                    p.policy.app_consistent_interval,
+                    p.policy.retention,
+                    p.policy.rpo_threshold,
+                    p.machines.join(", ")
+                );
+            }
+            Ok(())
+        }
+        PolicyCommand::Set {
+            conn,
+            name,
+            crash_consistent_interval,
+            app_consistent_interval,
+            retention,
+            rpo_threshold,
+            json,
+        } => {
+            let client = management::Client::connect(&conn)?;
+            let list: Vec<NamedPolicy> = client.get("/api/policies").await?;
+            let mut policy = list
+                .into_iter()
+                .find(|p| p.name == name)
+                .map(|p| p.policy)
+                .unwrap_or_default();
+            let set = |field: &mut String, v: Option<String>| {
+                if let Some(v) = v {
+                    *field = v;
+                }
+            };
+            set(&mut policy.crash_consistent_interval, crash_consistent_interval);
+            set(&mut policy.app_consistent_interval, app_consistent_interval);
+            set(&mut policy.retention, retention);
+            set(&mut policy.rpo_threshold, rpo_threshold);
+            let saved: NamedPolicy = client.put(&format!("/api/policies/{name}"), &policy).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&saved)?);
+            } else {
+                println!("policy {name} saved");
+            }
+            Ok(())
+        }
+        PolicyCommand::Assign { conn, machine, policy } => {
+            let client = management::Client::connect(&conn)?;
+            let _: management::Assignment = client
+                .put(
+                    &format!("/api/machines/{machine}/policy"),
+                    &management::Assignment { policy: policy.clone() },
+                )
+                .await?;
+            println!("{machine} now follows policy {policy}");
+            Ok(())
+        }
+    }
+}
+
 async fn index_rebuild(config: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let cfg = config::Config::load(config.as_deref())?.resolve()?;
     let passphrase = match &cfg.raw.security.passphrase {
@@ -438,6 +557,7 @@ fn main() -> ExitCode {
             Command::Replay(a) => replay(a).await,
             Command::Points(PointsCommand::List { conn, machine, json }) => points_list(conn, machine, json).await,
             Command::Index(IndexCommand::Rebuild { config, json }) => index_rebuild(config, json).await,
+            Command::Policy(cmd) => policy_command(cmd).await,
             Command::Mount(args) => mount::run(args).await,
             Command::DefaultConfig => {
                 print!("{}", toml::to_string_pretty(&config::Config::default())?);

@@ -8,6 +8,9 @@
 //! | GET | `/api/openapi.json` | the OpenAPI 3 description (no token needed) |
 //! | GET | `/api/machines` | machines and their disks |
 //! | GET | `/api/machines/M/points` | recovery points of M, newest first |
+//! | PUT | `/api/machines/M/policy` | `{policy}`: M follows that policy from now on |
+//! | GET | `/api/policies` | every policy, with the machines assigned to it |
+//! | PUT / DELETE | `/api/policies/NAME` | create or replace (checked; 400 names the field) / delete (409 in use) |
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
+use gateway::policy::{Policies, Policy, PolicyError};
 use gateway::server::ErrorBody;
 use lifeboat_fs::pit::{PointInfo, Reader};
 use serde::{Deserialize, Serialize};
@@ -26,15 +30,131 @@ use crate::config::Resolved;
 pub struct ManagementState {
     admin_hash: [u8; 32],
     reader: Option<Arc<Reader>>,
+    policies: Option<Policies>,
 }
 
 impl ManagementState {
-    pub fn new(admin_token: &str, reader: Option<Arc<Reader>>) -> Arc<Self> {
+    pub fn new(admin_token: &str, reader: Option<Arc<Reader>>, policies: Option<Policies>) -> Arc<Self> {
         Arc::new(Self {
             admin_hash: *blake3::hash(admin_token.as_bytes()).as_bytes(),
             reader,
+            policies,
         })
     }
+}
+
+/// A policy with its name and the machines that follow it explicitly.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NamedPolicy {
+    pub name: String,
+    #[serde(flatten)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub machines: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Assignment {
+    pub policy: String,
+}
+
+fn policy_error(e: PolicyError) -> (StatusCode, Json<ErrorBody>) {
+    let status = match &e {
+        PolicyError::Invalid { .. } | PolicyError::BadName(_) | PolicyError::DeleteDefault => StatusCode::BAD_REQUEST,
+        PolicyError::Unknown(_) => StatusCode::NOT_FOUND,
+        PolicyError::InUse { .. } => StatusCode::CONFLICT,
+        PolicyError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+fn policies_of(s: &ManagementState) -> Result<Policies, (StatusCode, Json<ErrorBody>)> {
+    s.policies.clone().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this appliance runs no process server role",
+        )
+    })
+}
+
+/// Runs a blocking policy-store call off the reactor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, PolicyError> + Send + 'static,
+) -> Result<T, (StatusCode, Json<ErrorBody>)> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(policy_error)
+}
+
+async fn list_policies(State(s): State<Arc<ManagementState>>, headers: HeaderMap) -> ApiResult<Vec<NamedPolicy>> {
+    authorize(&s, &headers)?;
+    let p = policies_of(&s)?;
+    let list = blocking(move || {
+        let assigned = p.assignments()?;
+        Ok(p.list()?
+            .into_iter()
+            .map(|(name, policy)| NamedPolicy {
+                machines: assigned
+                    .iter()
+                    .filter(|(_, n)| *n == name)
+                    .map(|(m, _)| m.clone())
+                    .collect(),
+                name,
+                policy,
+            })
+            .collect())
+    })
+    .await?;
+    Ok(Json(list))
+}
+
+async fn put_policy(
+    State(s): State<Arc<ManagementState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<NamedPolicy> {
+    authorize(&s, &headers)?;
+    let policy: Policy =
+        serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("policy body: {e}")))?;
+    let p = policies_of(&s)?;
+    let (n, pol) = (name.clone(), policy.clone());
+    blocking(move || p.put(&n, &pol)).await?;
+    tracing::info!(policy = %name, "policy saved");
+    Ok(Json(NamedPolicy {
+        name,
+        policy,
+        machines: Vec::new(),
+    }))
+}
+
+async fn delete_policy(
+    State(s): State<Arc<ManagementState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, (StatusCode, Json<ErrorBody>)> {
+    authorize(&s, &headers)?;
+    let p = policies_of(&s)?;
+    blocking(move || p.delete(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn assign_policy(
+    State(s): State<Arc<ManagementState>>,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<Assignment>,
+) -> ApiResult<Assignment> {
+    authorize(&s, &headers)?;
+    let r = reader(&s)?;
+    if r.disks(&machine).is_empty() {
+        return Err(error(StatusCode::NOT_FOUND, format!("unknown machine {machine:?}")));
+    }
+    let p = policies_of(&s)?;
+    let name = req.policy.clone();
+    blocking(move || p.assign(&machine, &name)).await?;
+    Ok(Json(req))
 }
 
 type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ErrorBody>)>;
@@ -198,6 +318,12 @@ pub fn router(state: Arc<ManagementState>) -> Router {
         .route("/api/openapi.json", get(|| async { Json(openapi()) }))
         .route("/api/machines", get(machines))
         .route("/api/machines/{machine}/points", get(points))
+        .route("/api/machines/{machine}/policy", axum::routing::put(assign_policy))
+        .route("/api/policies", get(list_policies))
+        .route(
+            "/api/policies/{name}",
+            axum::routing::put(put_policy).delete(delete_policy),
+        )
         .with_state(state)
 }
 
@@ -281,10 +407,16 @@ impl Client {
     }
 
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let url = format!("{}{path}", self.base);
-        let r = self
-            .http
-            .get(&url)
+        self.call(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    pub async fn put<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+        self.call(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let r = req
             .bearer_auth(&self.token)
             .send()
             .await

@@ -51,7 +51,12 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
             blob_options: cfg.raw.blob.options.clone(),
             passphrase: passphrase.clone(),
             keyring_cache: cfg.data_dir.join("keyring.json"),
-            crash_consistent_interval: cfg.policy.crash_consistent_interval,
+            default_policy: gateway::policy::Policy {
+                crash_consistent_interval: cfg.raw.policy.crash_consistent_interval.clone(),
+                app_consistent_interval: cfg.raw.policy.app_consistent_interval.clone(),
+                retention: cfg.raw.policy.retention.clone(),
+                rpo_threshold: cfg.raw.policy.rpo_threshold.clone(),
+            },
         };
         let ps = ProcessServer::start(&ps_cfg, gw_metrics.clone(), shutdown.clone()).await?;
         let listener = bind("replication", cfg.raw.listen.replication).await?;
@@ -89,7 +94,7 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
             reader.clone(),
             ps.blob.clone(),
             ps.kek.clone(),
-            cfg.policy.retention,
+            ps.policies.clone(),
         );
         tasks.push(tokio::spawn(retention.run(every, shutdown.clone())));
     }
@@ -112,7 +117,11 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(gateway::server::serve_tls(
             listener,
             tls.server_config.clone(),
-            management::router(management::ManagementState::new(&admin_token, reader.clone())),
+            management::router(management::ManagementState::new(
+                &admin_token,
+                reader.clone(),
+                process.as_ref().map(|ps| ps.policies.clone()),
+            )),
             shutdown.clone(),
         )));
     }

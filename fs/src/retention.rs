@@ -36,7 +36,8 @@ pub struct Retention {
     reader: Arc<Reader>,
     blob: BlobStore,
     kek: gateway::crypto::Key,
-    keep_for: Duration,
+    /// Each machine keeps its points for its policy's retention.
+    policies: gateway::policy::Policies,
 }
 
 /// Crash tests: `LIFEBOAT_FAILPOINT=NAME` aborts the process (like kill -9) when a roll-up reaches
@@ -53,12 +54,17 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 impl Retention {
-    pub fn new(reader: Arc<Reader>, blob: BlobStore, kek: gateway::crypto::Key, keep_for: Duration) -> Self {
+    pub fn new(
+        reader: Arc<Reader>,
+        blob: BlobStore,
+        kek: gateway::crypto::Key,
+        policies: gateway::policy::Policies,
+    ) -> Self {
         Self {
             reader,
             blob,
             kek,
-            keep_for,
+            policies,
         }
     }
 
@@ -98,7 +104,9 @@ impl Retention {
         let Some(newest) = points.iter().map(|p| p.time_ms).max() else {
             return Ok(());
         };
-        let cutoff = now_ms().saturating_sub(self.keep_for.as_millis() as u64);
+        let (p, m) = (self.policies.clone(), machine.to_owned());
+        let keep_for = tokio::task::spawn_blocking(move || p.settings_of(&m).retention).await?;
+        let cutoff = now_ms().saturating_sub(keep_for.as_millis() as u64);
         let (expired, kept): (Vec<_>, Vec<_>) = points
             .into_iter()
             .partition(|p| p.time_ms < cutoff && p.time_ms < newest);

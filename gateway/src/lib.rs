@@ -23,6 +23,7 @@ pub mod catalog;
 pub mod crypto;
 pub mod journal;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
 pub mod rebuild;
 pub mod record;
@@ -49,8 +50,8 @@ pub struct ProcessServerConfig {
     /// A local copy of the blob store's keyring (salt and verifier, no key), so the process
     /// server can start and keep accepting writes while blob storage is unreachable.
     pub keyring_cache: PathBuf,
-    /// How often a crash-consistent point is cut for each machine that took writes.
-    pub crash_consistent_interval: std::time::Duration,
+    /// The config file's `[policy]`: the "default" policy until the management API replaces it.
+    pub default_policy: policy::Policy,
 }
 
 /// How long start-up waits for blob storage before falling back to the cached keyring.
@@ -94,13 +95,18 @@ pub struct ProcessServer {
     pub blob: uploader::BlobStore,
     /// The key-encryption key: unwraps the disks' data keys for the read side.
     pub kek: crypto::Key,
+    /// Replication policies and which machine follows which.
+    pub policies: policy::Policies,
     uploader: tokio::task::JoinHandle<()>,
     points: tokio::task::JoinHandle<()>,
 }
 
-/// Cuts crash-consistent points on the policy's interval until shutdown.
-async fn crash_point_timer(journal: journal::Journal, every: std::time::Duration, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+/// Cuts a crash-consistent point for each machine that took writes, on the interval of the
+/// policy it follows (checked every second, so a policy change applies at once), until shutdown.
+async fn crash_point_timer(policies: policy::Policies, mut shutdown: watch::Receiver<bool>) {
+    let journal = policies.journal().clone();
+    let mut last_cut: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -111,6 +117,17 @@ async fn crash_point_timer(journal: journal::Journal, every: std::time::Duration
         machines.sort();
         machines.dedup();
         for m in machines {
+            let now = tokio::time::Instant::now();
+            let since = *last_cut.entry(m.clone()).or_insert(now);
+            let p = policies.clone();
+            let name = m.clone();
+            let Ok(settings) = tokio::task::spawn_blocking(move || p.settings_of(&name)).await else {
+                continue;
+            };
+            if now.duration_since(since) < settings.crash_consistent_interval {
+                continue;
+            }
+            last_cut.insert(m.clone(), now);
             match journal.cut_crash_point(&m).await {
                 Ok(Some(id)) => tracing::debug!(machine = %m, point = id, "crash-consistent point"),
                 Ok(None) => {}
@@ -147,11 +164,8 @@ impl ProcessServer {
             metrics.clone(),
         ));
         let uploader = tokio::spawn(up.run(shutdown.clone()));
-        let points = tokio::spawn(crash_point_timer(
-            journal.clone(),
-            cfg.crash_consistent_interval,
-            shutdown,
-        ));
+        let policies = policy::Policies::new(journal.clone(), cfg.default_policy.clone());
+        let points = tokio::spawn(crash_point_timer(policies.clone(), shutdown));
         let ingest = server::IngestState::new(
             journal.clone(),
             blob.clone(),
@@ -164,6 +178,7 @@ impl ProcessServer {
             ingest,
             blob,
             kek,
+            policies,
             uploader,
             points,
         })
