@@ -383,7 +383,14 @@ async fn management_api_refuses_unauthenticated_and_agent_callers() {
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(doc["openapi"], "3.0.3");
-    for p in ["/api/machines", "/api/machines/{machine}/points", "/api/health"] {
+    for p in [
+        "/api/machines",
+        "/api/machines/{machine}/points",
+        "/api/machines/{machine}/policy",
+        "/api/policies",
+        "/api/policies/{name}",
+        "/api/health",
+    ] {
         assert!(doc["paths"][p].is_object(), "OpenAPI lacks {p}");
     }
 }

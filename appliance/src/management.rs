@@ -203,6 +203,7 @@ fn authorize(s: &ManagementState, headers: &HeaderMap) -> Result<(), (StatusCode
 /// The OpenAPI description of this API (served without a token).
 fn openapi() -> serde_json::Value {
     let machine = serde_json::json!({"name": "machine", "in": "path", "required": true, "schema": {"type": "string"}});
+    let policy_name = serde_json::json!({"name": "name", "in": "path", "required": true, "schema": {"type": "string"}});
     let error_body = serde_json::json!({"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}});
     let errors = serde_json::json!({
         "401": {"description": "missing or wrong admin token", "content": error_body},
@@ -223,7 +224,20 @@ fn openapi() -> serde_json::Value {
             "/api/health": {"get": {"summary": "liveness", "security": [], "responses": {"200": {"description": "ok"}}}},
             "/api/openapi.json": {"get": {"summary": "this document", "security": [], "responses": {"200": {"description": "OpenAPI 3"}}}},
             "/api/machines": {"get": {"summary": "protected machines", "responses": machines_responses}},
-            "/api/machines/{machine}/points": {"get": {"summary": "recovery points of a machine", "parameters": [machine], "responses": points_responses}}
+            "/api/machines/{machine}/points": {"get": {"summary": "recovery points of a machine", "parameters": [machine], "responses": points_responses}},
+            "/api/machines/{machine}/policy": {"put": {"summary": "make a machine follow a policy", "parameters": [machine],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Assignment"}}}},
+                "responses": {"200": {"description": "assigned"}, "404": {"description": "unknown machine or policy", "content": error_body}}}},
+            "/api/policies": {"get": {"summary": "every policy and the machines assigned to it",
+                "responses": {"200": {"description": "policies", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/NamedPolicy"}}}}}}}},
+            "/api/policies/{name}": {
+                "put": {"summary": "create or replace a policy", "parameters": [policy_name],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Policy"}}}},
+                    "responses": {"200": {"description": "saved"}, "400": {"description": "invalid value; the message names the field", "content": error_body}}},
+                "delete": {"summary": "delete a policy no machine follows", "parameters": [policy_name],
+                    "responses": {"204": {"description": "deleted"}, "404": {"description": "unknown policy", "content": error_body},
+                        "409": {"description": "still assigned to machines", "content": error_body}}}
+            }
         },
         "components": {
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer", "description": "the token in DATA_DIR/admin-token"}},
@@ -234,6 +248,16 @@ fn openapi() -> serde_json::Value {
                     "acked_through": {"type": "integer"}, "uploaded_through": {"type": "integer"}}},
                 "Machine": {"type": "object", "properties": {
                     "machine": {"type": "string"}, "disks": {"type": "array", "items": {"$ref": "#/components/schemas/Disk"}}}},
+                "Policy": {"type": "object", "additionalProperties": false,
+                    "required": ["crash_consistent_interval", "app_consistent_interval", "retention", "rpo_threshold"],
+                    "properties": {
+                        "crash_consistent_interval": {"type": "string", "example": "5m"},
+                        "app_consistent_interval": {"type": "string", "example": "4h"},
+                        "retention": {"type": "string", "example": "24h", "description": "at most 72h"},
+                        "rpo_threshold": {"type": "string", "example": "15m"}}},
+                "NamedPolicy": {"allOf": [{"$ref": "#/components/schemas/Policy"}, {"type": "object", "properties": {
+                    "name": {"type": "string"}, "machines": {"type": "array", "items": {"type": "string"}}}}]},
+                "Assignment": {"type": "object", "required": ["policy"], "properties": {"policy": {"type": "string"}}},
                 "Point": {"type": "object", "required": ["id", "time", "kind", "label"], "properties": {
                     "id": {"type": "integer"}, "machine": {"type": "string"}, "time": {"type": "string", "format": "date-time"},
                     "time_ms": {"type": "integer"}, "kind": {"type": "string", "enum": ["crash-consistent", "app-consistent"]},
