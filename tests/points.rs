@@ -396,7 +396,7 @@ async fn retention_roll_up_survives_a_crash_at_every_step() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let blob = BlobTarget::Local(dir.path().join("blob"));
-        let extra = "[policy]\ncrash_consistent_interval = \"1h\"\nretention = \"10s\"\n";
+        let extra = "[policy]\ncrash_consistent_interval = \"1h\"\nretention = \"3s\"\n";
         let mut app = Appliance::start_with_env(
             &dir.path().join("appliance"),
             &blob,
@@ -414,12 +414,17 @@ async fn retention_roll_up_survives_a_crash_at_every_step() {
             Duration::from_secs(60),
         )
         .await;
-        // The bookmark is the only point, in a segment of its own: the log before it goes into
-        // the base at once.
-        let out = app.agent("bookmark", "m1").args(["--json"]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let ack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let point = ack["point"].as_u64().unwrap();
+        // Two bookmarks 4 s apart with a 3 s retention: the first expires, which starts the
+        // roll-up of the log before the second.
+        let bookmark = |app: &Appliance| {
+            let out = app.agent("bookmark", "m1").args(["--json"]).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let ack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            ack["point"].as_u64().unwrap()
+        };
+        bookmark(&app);
+        std::thread::sleep(Duration::from_secs(4));
+        let point = bookmark(&app);
         let deadline = Instant::now() + Duration::from_secs(60);
         while app.is_running() {
             assert!(Instant::now() < deadline, "{step}: the failpoint was never reached");

@@ -119,20 +119,32 @@ impl Retention {
         }
         // The oldest kept point bounds what each disk may roll up: everything strictly before
         // its sequence (its own record stays in the log).
+        // Only after points expired (the flag is set with the drop and survives a crash): the
+        // log of the first sync is not rewritten into a base before anything needs dropping.
         let Some(oldest) = kept.iter().min_by_key(|p| (p.time_ms, p.id)) else {
             return Ok(());
         };
+        let (journal, m) = (self.reader.journal().clone(), machine.to_owned());
+        if !tokio::task::spawn_blocking(move || journal.rollup_pending(&m)).await?? {
+            return Ok(());
+        }
+        let mut all_done = true;
         for disk in self.reader.disks(machine) {
             let Some(&keep_from) = oldest.seqs.get(&disk.disk) else {
                 continue;
             };
-            self.disk(&disk, keep_from, out).await?;
+            all_done &= self.disk(&disk, keep_from, out).await?;
+        }
+        if all_done {
+            let (journal, m) = (self.reader.journal().clone(), machine.to_owned());
+            tokio::task::spawn_blocking(move || journal.clear_rollup(&m)).await??;
         }
         Ok(())
     }
 
     /// Rolls `disk`'s log segments that end before `keep_from` into a new base generation.
-    async fn disk(&self, disk: &DiskMeta, keep_from: u64, out: &mut RetentionOutcome) -> anyhow::Result<()> {
+    /// Returns false when an open view held the roll-up back (it is retried next pass).
+    async fn disk(&self, disk: &DiskMeta, keep_from: u64, out: &mut RetentionOutcome) -> anyhow::Result<bool> {
         let db = self.reader.journal().db().clone();
         let id = disk.id;
         let (entries, base) = {
@@ -150,11 +162,12 @@ impl Retention {
             .filter(|(sid, e)| sid & catalog::BASE_ID == 0 && e.last_seq < keep_from && e.last_seq > base.through_seq)
             .collect();
         let Some(through) = rolled.iter().map(|(_, e)| e.last_seq).max() else {
-            return self.sweep(disk, base, out).await;
+            self.sweep(disk, base, out).await?;
+            return Ok(true);
         };
         if self.reader.oldest_open_view(disk.id).is_some_and(|s| s < through) {
             tracing::debug!(machine = %disk.machine, disk = %disk.disk, "roll-up waits for an open view of an old point");
-            return Ok(());
+            return Ok(false);
         }
         // Past any generation an interrupted run published, so a part name is never reused
         // while a manifest still points at it.
@@ -288,7 +301,8 @@ impl Retention {
             },
             out,
         )
-        .await
+        .await?;
+        Ok(true)
     }
 
     /// Seals and puts one base part under a freshly reserved counter.

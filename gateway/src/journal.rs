@@ -281,6 +281,10 @@ fn point_key(machine: &str, id: u64) -> Vec<u8> {
     format!("point/{machine}/{id:016x}").into_bytes()
 }
 
+fn rollup_key(machine: &str) -> Vec<u8> {
+    format!("rollup/{machine}").into_bytes()
+}
+
 fn token_key(hash: &[u8; 32]) -> Vec<u8> {
     format!("token/{}", hex::encode(hash)).into_bytes()
 }
@@ -607,6 +611,25 @@ impl Journal {
         for id in ids {
             wb.delete_cf(meta, point_key(machine, *id));
         }
+        // Retention rolls the machine's log up until this is cleared.
+        wb.put_cf(meta, rollup_key(machine), b"1");
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(wb, &wo)?;
+        Ok(())
+    }
+
+    /// Whether points of `machine` were dropped and its log not yet rolled up (blocking read).
+    pub fn rollup_pending(&self, machine: &str) -> Result<bool, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        Ok(self.db.get_cf(meta, rollup_key(machine))?.is_some())
+    }
+
+    /// Marks `machine`'s roll-up done (blocking, synced).
+    pub fn clear_rollup(&self, machine: &str) -> Result<(), JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let mut wb = WriteBatch::default();
+        wb.delete_cf(meta, rollup_key(machine));
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(wb, &wo)?;
