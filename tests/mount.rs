@@ -22,21 +22,6 @@ const SECTOR: u64 = 512;
 const P1: (u64, u64) = (2048, 2048 + (24 << 20) / SECTOR - 1);
 const P2: (u64, u64) = (P1.1 + 1, P1.1 + (1 << 20) / SECTOR);
 
-/// Runs a tool that CI installs; a missing tool fails the test loudly.
-fn tool(name: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{name} is required (apt-get install e2fsprogs fuse3): {e}"));
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)

@@ -14,21 +14,6 @@ use lifeboat_fs::pit::PointInfo;
 
 const DISK_SIZE: u64 = 256 << 20;
 
-/// Runs a tool that CI installs; a missing tool fails the test loudly.
-fn tool(name: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{name} is required (apt-get install libnbd-bin qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// Waits for a readable crash-consistent point that covers everything acked so far.
 fn wait_crash_point_after(app: &Appliance, machine: &str, disk: &str, acked: u64) -> PointInfo {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -231,18 +216,7 @@ async fn every_point_reads_back_over_nbd_and_survives_an_index_rebuild() {
     let mut fresh = Appliance::start(&fresh_dir, &blob, extra);
     fresh.stop();
     std::fs::remove_dir_all(fresh_dir.join("data/journal")).unwrap();
-    let out = Command::new(lifeboat_bin())
-        .args(["index", "rebuild", "--json", "--config"])
-        .arg(&fresh.config)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "index rebuild: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = rebuild_index(&fresh);
     assert_eq!(summary["disks"], 2, "{summary}");
     assert_eq!(summary["points"].as_u64().unwrap() as usize, points.len(), "{summary}");
     fresh.restart();
@@ -368,17 +342,7 @@ async fn retention_rolls_expired_points_into_the_base_image() {
     let mut fresh = Appliance::start(&fresh_dir, &blob, "[policy]\nretention = \"72h\"\n");
     fresh.stop();
     std::fs::remove_dir_all(fresh_dir.join("data/journal")).unwrap();
-    let out = Command::new(lifeboat_bin())
-        .args(["index", "rebuild", "--json", "--config"])
-        .arg(&fresh.config)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "index rebuild: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rebuild_index(&fresh);
     fresh.restart();
     assert!(fresh.points("m1").iter().any(|p| p.id == p2.id));
     assert_export_equals(&fresh, &format!("m1/disk0@{}", p2.id), &at2, &scratch);

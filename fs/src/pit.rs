@@ -286,18 +286,23 @@ impl Reader {
         Ok(k)
     }
 
-    fn segment(&self, disk: &DiskMeta, first_seq: u64) -> io::Result<Arc<SegmentEntry>> {
+    /// A segment's catalogue entry: from memory, or read once from RocksDB on a blocking thread.
+    async fn segment(&self, disk: &DiskMeta, first_seq: u64) -> io::Result<Arc<SegmentEntry>> {
         if let Some(s) = self.segments.lock().expect("lock").get(&(disk.id, first_seq)) {
             return Ok(s.clone());
         }
-        let s = catalog::segment(self.journal.db(), disk.id, first_seq)
+        let db = self.journal.db().clone();
+        let id = disk.id;
+        let found = tokio::task::spawn_blocking(move || catalog::segment(&db, id, first_seq))
+            .await
             .map_err(other)?
-            .ok_or_else(|| {
-                invalid(format!(
-                    "segment {first_seq} of {}/{} is not catalogued",
-                    disk.machine, disk.disk
-                ))
-            })?;
+            .map_err(other)?;
+        let s = found.ok_or_else(|| {
+            invalid(format!(
+                "segment {first_seq} of {}/{} is not catalogued",
+                disk.machine, disk.disk
+            ))
+        })?;
         let s = Arc::new(s);
         self.segments
             .lock()
@@ -316,7 +321,7 @@ impl Reader {
             }
             Err(guard) => guard,
         };
-        let seg = self.segment(disk, segment)?;
+        let seg = self.segment(disk, segment).await?;
         let loc = *seg
             .chunks
             .get(chunk as usize)

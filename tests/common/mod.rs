@@ -479,3 +479,34 @@ mod rawhttp {
         out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
     }
 }
+
+/// Runs a tool that CI installs (.ci/setup); a missing tool fails the test loudly.
+pub fn tool(name: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(name)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{name} is required (bash .ci/setup installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `lifeboat index rebuild --json` with an appliance's config; returns the summary.
+pub fn rebuild_index(app: &Appliance) -> serde_json::Value {
+    let out = Command::new(lifeboat_bin())
+        .args(["index", "rebuild", "--json", "--config"])
+        .arg(&app.config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "index rebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
