@@ -1,9 +1,11 @@
 //! Export names of recovery points, as NBD clients (and later FUSE paths) use them:
 //! `MACHINE/DISK@POINT_ID`, `MACHINE/DISK@latest`, `MACHINE/DISK@2026-11-22T10:05:00Z` (the newest
-//! point at or before that time). Every export is read-only.
+//! point at or before that time). Recovery points are read-only; writable overlays (test
+//! failover, see [`crate::overlay`]) are registered by name beside them and opened first.
 
+use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use futures::future::BoxFuture;
 
@@ -20,22 +22,46 @@ pub fn parse_export_name(name: &str) -> Option<(&str, &str, &str)> {
     Some((machine, disk, selector))
 }
 
-/// The recovery points of every protected disk, as exports.
+/// What `list()` says of a registered overlay.
+pub const OVERLAY_DESCRIPTION: &str = "test failover (writable)";
+
+/// The recovery points of every protected disk, as exports, plus registered writable overlays.
 pub struct PointExports {
     reader: Arc<Reader>,
+    /// Writable views by export name (e.g. `MACHINE/DISK@test-failover`); they shadow points.
+    overlays: RwLock<BTreeMap<String, Arc<dyn DiskView>>>,
 }
 
 impl PointExports {
     pub fn new(reader: Arc<Reader>) -> Arc<Self> {
-        Arc::new(Self { reader })
+        Arc::new(Self {
+            reader,
+            overlays: RwLock::new(BTreeMap::new()),
+        })
     }
 
-    fn list_blocking(&self) -> io::Result<Vec<ExportInfo>> {
+    /// Serves `view` as the export `name` (replacing one registered under that name) until
+    /// [`PointExports::remove_overlay`]. Connections already open keep their view.
+    pub fn add_overlay(&self, name: String, view: Arc<dyn DiskView>) {
+        self.overlays.write().expect("overlays").insert(name, view);
+    }
+
+    /// Stops offering `name`; `false` when no overlay had that name. Open connections keep the
+    /// view until they close.
+    pub fn remove_overlay(&self, name: &str) -> bool {
+        self.overlays.write().expect("overlays").remove(name).is_some()
+    }
+
+    fn overlay(&self, name: &str) -> Option<Arc<dyn DiskView>> {
+        self.overlays.read().expect("overlays").get(name).cloned()
+    }
+
+    fn list_points(reader: &Reader) -> io::Result<Vec<ExportInfo>> {
         let mut out = Vec::new();
-        for machine in self.reader.machines() {
-            let points = self.reader.points(&machine)?;
+        for machine in reader.machines() {
+            let points = reader.points(&machine)?;
             let readable: Vec<_> = points.iter().filter(|p| p.readable).collect();
-            for disk in self.reader.disks(&machine) {
+            for disk in reader.disks(&machine) {
                 if let Some(newest) = readable.first() {
                     out.push(ExportInfo {
                         name: format!("{machine}/{}@latest", disk.disk),
@@ -64,17 +90,30 @@ impl PointExports {
 impl ExportCatalog for PointExports {
     fn list(&self) -> BoxFuture<'_, io::Result<Vec<ExportInfo>>> {
         Box::pin(async move {
-            let me = Self {
-                reader: self.reader.clone(),
-            };
-            tokio::task::spawn_blocking(move || me.list_blocking())
+            let mut out: Vec<ExportInfo> = self
+                .overlays
+                .read()
+                .expect("overlays")
+                .keys()
+                .map(|name| ExportInfo {
+                    name: name.clone(),
+                    description: OVERLAY_DESCRIPTION.into(),
+                })
+                .collect();
+            let reader = self.reader.clone();
+            let points = tokio::task::spawn_blocking(move || Self::list_points(&reader))
                 .await
-                .map_err(io::Error::other)?
+                .map_err(io::Error::other)??;
+            out.extend(points.into_iter().filter(|p| self.overlay(&p.name).is_none()));
+            Ok(out)
         })
     }
 
     fn open<'a>(&'a self, name: &'a str) -> BoxFuture<'a, io::Result<Arc<dyn DiskView>>> {
         Box::pin(async move {
+            if let Some(view) = self.overlay(name) {
+                return Ok(view);
+            }
             let (machine, disk, selector) = parse_export_name(name).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotFound,
@@ -109,5 +148,48 @@ mod tests {
         for bad in ["m1/disk0", "m1@1", "/d@1", "m/d@", "m/d/x@1"] {
             assert_eq!(parse_export_name(bad), None, "{bad}");
         }
+    }
+
+    /// A writable disk of 4 KiB (the registry only hands views out).
+    struct Scratch;
+
+    impl DiskView for Scratch {
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn read_at(&self, _offset: u64, len: usize) -> BoxFuture<'_, io::Result<bytes::Bytes>> {
+            Box::pin(async move { Ok(bytes::Bytes::from(vec![0; len])) })
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn overlays_are_listed_opened_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = gateway::journal::Journal::open(dir.path(), 1 << 30).unwrap();
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let exports = PointExports::new(Reader::new(journal, store, gateway::crypto::Key::random(), 16 << 20));
+        let name = "m1/disk0@test-failover";
+        assert!(exports.open(name).await.is_err(), "no such point");
+        assert!(exports.list().await.unwrap().is_empty());
+
+        exports.add_overlay(name.into(), Arc::new(Scratch));
+        let view = exports.open(name).await.unwrap();
+        assert!(view.writable());
+        assert_eq!(view.size(), 4096);
+        assert_eq!(
+            exports.list().await.unwrap(),
+            vec![ExportInfo {
+                name: name.into(),
+                description: OVERLAY_DESCRIPTION.into()
+            }]
+        );
+
+        assert!(exports.remove_overlay(name));
+        assert!(!exports.remove_overlay(name));
+        assert!(exports.open(name).await.is_err(), "no such point");
+        assert!(exports.list().await.unwrap().is_empty());
     }
 }

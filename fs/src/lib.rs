@@ -3,10 +3,12 @@
 //! serves them to standard clients; [`retention`] drops expired points and rolls their log into
 //! the base image.
 
+pub mod copy;
 pub mod exports;
 pub mod fuse;
 pub mod nbd;
 pub mod nbd_client;
+pub mod overlay;
 pub mod pit;
 pub mod retention;
 pub mod view;
