@@ -27,6 +27,15 @@
 //! A block is in one of three states: not in either bitmap (read from the base), DATA (read from
 //! `data`) or ZERO (written with zeroes: reads as zeroes, reported as a hole, takes no space —
 //! `NBD_CMD_WRITE_ZEROES` and zero-filled writes become these).
+//!
+//! Durability: a flush makes every completed write durable. Writes after the last flush survive
+//! a clean close (drop) and are flushed in the background every [`AUTO_FLUSH_INTERVAL`]; after a
+//! crash, a new block written since the last flush reads as the base again, while an overwrite of
+//! a block the overlay already held may show (it is written in place, as on a real disk).
+//!
+//! Lifecycle (test failover): `Overlay::open` (blocking) → `PointExports::add_overlay(name, ..)`;
+//! cleanup: `remove_overlay(name)`, drop the last `Arc` (open NBD connections hold one), then
+//! [`discard`].
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
