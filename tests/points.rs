@@ -440,16 +440,6 @@ async fn retention_roll_up_survives_a_crash_at_every_step() {
     }
 }
 
-fn lifeboat_admin(app: &Appliance, args: &[&str]) -> std::process::Output {
-    Command::new(lifeboat_bin())
-        .args(args)
-        .arg("--config")
-        .arg(&app.config)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
 /// Policies through the CLI and the management API: checked (400 names the field), durable across
 /// a restart, assigned per machine, and in force at once — a machine moved to a 1 s
 /// crash-consistent policy gets its point without waiting for the default hour.
@@ -466,20 +456,19 @@ async fn policies_are_checked_durable_and_applied_per_machine() {
     gateway::testkit::make_disk(&src, 8 << 20, 41).unwrap();
     let s = app.sync("m1", &[&src]);
 
-    let bad = lifeboat_admin(&app, &["policy", "set", "fast", "--retention", "73h"]);
+    let bad = app.admin(&["policy", "set", "fast", "--retention", "73h"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("400") && err.contains("retention"), "{err}");
-    let bad = lifeboat_admin(&app, &["policy", "set", "fast", "--retention", "0s"]);
+    let bad = app.admin(&["policy", "set", "fast", "--retention", "0s"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("retention"));
-    let ok = lifeboat_admin(
-        &app,
+    let ok = app.admin(
         &["policy", "set", "fast", "--crash-consistent-interval", "1s", "--json"],
     );
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let unknown = lifeboat_admin(&app, &["policy", "assign", "--machine", "m1", "nosuch"]);
+    let unknown = app.admin(&["policy", "assign", "--machine", "m1", "nosuch"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
-    let assign = lifeboat_admin(&app, &["policy", "assign", "--machine", "m1", "fast"]);
+    let assign = app.admin(&["policy", "assign", "--machine", "m1", "fast"]);
     assert!(assign.status.success(), "{}", String::from_utf8_lossy(&assign.stderr));
 
     // In force at once: a crash-consistent point within seconds, not an hour.
@@ -488,7 +477,7 @@ async fn policies_are_checked_durable_and_applied_per_machine() {
 
     // Durable: after a restart the policy and the assignment are still there.
     app.restart();
-    let out = lifeboat_admin(&app, &["policy", "list", "--json"]);
+    let out = app.admin(&["policy", "list", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let fast = list
@@ -500,6 +489,6 @@ async fn policies_are_checked_durable_and_applied_per_machine() {
     assert_eq!(fast["crash_consistent_interval"], "1s");
     assert_eq!(fast["machines"], serde_json::json!(["m1"]));
     assert!(list.as_array().unwrap().iter().any(|p| p["name"] == "default"));
-    let busy = lifeboat_admin(&app, &["policy", "list"]);
+    let busy = app.admin(&["policy", "list"]);
     assert!(busy.status.success());
 }

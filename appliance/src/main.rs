@@ -3,9 +3,13 @@
 //! protected machine; `lifeboat replay` restores a disk straight from blob storage.
 
 mod config;
+mod jobs;
 mod management;
 mod metrics;
 mod mount;
+mod operations;
+mod ops_cli;
+mod plans;
 mod secrets;
 mod serve;
 
@@ -67,6 +71,27 @@ enum Command {
     /// threshold (through the management API).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Protected machines: state (initial-sync, protected, test-failover, failed-over), policy,
+    /// group, newest point; ask for an app-consistent point now.
+    #[command(subcommand)]
+    Machines(ops_cli::MachinesCommand),
+    /// Replication groups: machines that share every recovery point (multi-VM consistency).
+    #[command(subcommand)]
+    Group(ops_cli::GroupCommand),
+    /// Recovery plans: ordered machine groups, script steps and manual pauses.
+    #[command(subcommand)]
+    Plan(ops_cli::PlanCommand),
+    /// Fail machines (or a plan) over: --test for writable test exports, --cleanup to discard
+    /// them, plain to materialise a point to files and stop replication, --commit to make it final.
+    Failover(ops_cli::FailoverArgs),
+    /// Write the failed-over copy (or a point) back onto the on-premises disks — only the blocks
+    /// that differ — and re-protect.
+    Failback(ops_cli::FailbackArgs),
+    /// Failover, test failover and failback jobs: list, show, resume a paused one.
+    #[command(subcommand)]
+    Jobs(ops_cli::JobsCommand),
+    /// The appliance's event log (RPO threshold crossed, jobs, missed app-consistent points).
+    Events(ops_cli::EventsArgs),
     /// Browse recovery points as files (FUSE, read-only).
     ///
     /// MOUNTPOINT/MACHINE/POINT/DISK.img is the raw disk at that point; the files of each disk's
@@ -96,6 +121,27 @@ struct Connection {
     retry_for: Duration,
 }
 
+/// Commands that make the guest's data consistent around an app-consistent bookmark (e.g.
+/// `fsfreeze -f /srv` and `fsfreeze -u /srv`, or a database's backup mode).
+#[derive(clap::Args, Clone, Default)]
+struct QuiesceHooks {
+    /// Run (with `sh -c`) before the final sync of a requested app-consistent bookmark.
+    #[arg(long, value_name = "COMMAND")]
+    quiesce: Option<String>,
+    /// Run after the bookmark is acknowledged (also when it failed).
+    #[arg(long, value_name = "COMMAND")]
+    thaw: Option<String>,
+}
+
+impl QuiesceHooks {
+    async fn run(which: &str, cmd: &Option<String>) -> anyhow::Result<()> {
+        let Some(cmd) = cmd else { return Ok(()) };
+        let status = tokio::process::Command::new("sh").arg("-c").arg(cmd).status().await?;
+        anyhow::ensure!(status.success(), "--{which} command {cmd:?} failed: {status}");
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum AgentCommand {
     /// Copy the disks (first run: all non-zero blocks; later: only changed blocks).
@@ -105,9 +151,12 @@ enum AgentCommand {
         /// A disk to replicate: PATH (named disk0, disk1, ... in order) or NAME=PATH.
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
-        /// Keep syncing every SECONDS until Ctrl-C.
+        /// Keep syncing every SECONDS until Ctrl-C, and answer the appliance's scheduled
+        /// app-consistent bookmark requests (checked every second).
         #[arg(long, value_name = "SECONDS")]
         watch: Option<u64>,
+        #[command(flatten)]
+        hooks: QuiesceHooks,
         /// Print the summary as JSON (and no progress bar).
         #[arg(long)]
         json: bool,
@@ -270,9 +319,16 @@ async fn connect(conn: &Connection) -> anyhow::Result<Agent> {
     Ok(Agent::connect(cfg).await?)
 }
 
-async fn agent_sync(conn: Connection, disks: Vec<String>, watch: Option<u64>, json: bool) -> anyhow::Result<()> {
+async fn agent_sync(
+    conn: Connection,
+    disks: Vec<String>,
+    watch: Option<u64>,
+    hooks: QuiesceHooks,
+    json: bool,
+) -> anyhow::Result<()> {
     let disks = parse_disks(&disks)?;
     let agent = connect(&conn).await?;
+    let mut asked: Option<gateway::consistency::BookmarkAsk> = None;
     loop {
         let total: u64 = disks
             .iter()
@@ -293,9 +349,21 @@ async fn agent_sync(conn: Connection, disks: Vec<String>, watch: Option<u64>, js
                 .progress_chars("=> "),
         );
         bar.set_message(format!("syncing {}", conn.machine));
+        let ask = asked.take();
+        if ask.is_some() {
+            QuiesceHooks::run("quiesce", &hooks.quiesce).await?;
+        }
         let b = bar.clone();
-        let summary = agent.sync(&disks, Arc::new(move |n| b.inc(n))).await?;
+        let synced = agent.sync(&disks, Arc::new(move |n| b.inc(n))).await;
         bar.finish_and_clear();
+        let bookmarked = match (&ask, &synced) {
+            (Some(a), Ok(_)) => Some(agent.answer_bookmark(&a.label, Some(a.request)).await),
+            _ => None,
+        };
+        if ask.is_some() {
+            QuiesceHooks::run("thaw", &hooks.thaw).await?;
+        }
+        let summary = synced?;
         if json {
             println!("{}", serde_json::to_string(&summary)?);
         } else {
@@ -317,10 +385,28 @@ async fn agent_sync(conn: Connection, disks: Vec<String>, watch: Option<u64>, js
                 );
             }
         }
+        match bookmarked {
+            Some(Ok(ack)) if json => println!("{}", serde_json::json!({ "app_consistent_point": ack.point })),
+            Some(Ok(ack)) => println!("app-consistent point {} (requested by the appliance)", ack.point.unwrap_or(0)),
+            // A failed request is the appliance's to report (an event); replication goes on.
+            Some(Err(e)) => tracing::warn!(error = %e, "requested app-consistent bookmark failed"),
+            None => {}
+        }
         let Some(secs) = watch else { return Ok(()) };
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while tokio::time::Instant::now() < until {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1).min(until - tokio::time::Instant::now())) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+            match agent.requests().await {
+                Ok(r) if r.bookmark.is_some() => {
+                    asked = r.bookmark;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "polling the appliance's requests"),
+            }
         }
     }
 }
@@ -538,8 +624,9 @@ fn main() -> ExitCode {
                 conn,
                 disks,
                 watch,
+                hooks,
                 json,
-            }) => agent_sync(conn, disks, watch, json).await,
+            }) => agent_sync(conn, disks, watch, hooks, json).await,
             Command::Agent(AgentCommand::Bookmark { conn, label, json }) => {
                 let agent = connect(&conn).await?;
                 let ack = agent.bookmark(&label).await?;
@@ -558,6 +645,13 @@ fn main() -> ExitCode {
             Command::Points(PointsCommand::List { conn, machine, json }) => points_list(conn, machine, json).await,
             Command::Index(IndexCommand::Rebuild { config, json }) => index_rebuild(config, json).await,
             Command::Policy(cmd) => policy_command(cmd).await,
+            Command::Machines(cmd) => ops_cli::machines(cmd).await,
+            Command::Group(cmd) => ops_cli::group(cmd).await,
+            Command::Plan(cmd) => ops_cli::plan(cmd).await,
+            Command::Failover(a) => ops_cli::failover(a).await,
+            Command::Failback(a) => ops_cli::failback(a).await,
+            Command::Jobs(cmd) => ops_cli::jobs(cmd).await,
+            Command::Events(a) => ops_cli::events(a).await,
             Command::Mount(args) => mount::run(args).await,
             Command::DefaultConfig => {
                 print!("{}", toml::to_string_pretty(&config::Config::default())?);

@@ -29,16 +29,23 @@ use crate::config::Resolved;
 
 pub struct ManagementState {
     admin_hash: [u8; 32],
-    reader: Option<Arc<Reader>>,
+    pub(crate) reader: Option<Arc<Reader>>,
     policies: Option<Policies>,
+    pub(crate) operations: Option<Arc<crate::operations::Operations>>,
 }
 
 impl ManagementState {
-    pub fn new(admin_token: &str, reader: Option<Arc<Reader>>, policies: Option<Policies>) -> Arc<Self> {
+    pub fn new(
+        admin_token: &str,
+        reader: Option<Arc<Reader>>,
+        policies: Option<Policies>,
+        operations: Option<Arc<crate::operations::Operations>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             admin_hash: *blake3::hash(admin_token.as_bytes()).as_bytes(),
             reader,
             policies,
+            operations,
         })
     }
 }
@@ -58,11 +65,11 @@ pub struct Assignment {
     pub policy: String,
 }
 
-fn policy_error(e: PolicyError) -> (StatusCode, Json<ErrorBody>) {
+pub(crate) fn policy_error(e: PolicyError) -> (StatusCode, Json<ErrorBody>) {
     let status = match &e {
         PolicyError::Invalid { .. } | PolicyError::BadName(_) | PolicyError::DeleteDefault => StatusCode::BAD_REQUEST,
-        PolicyError::Unknown(_) => StatusCode::NOT_FOUND,
-        PolicyError::InUse { .. } => StatusCode::CONFLICT,
+        PolicyError::Unknown(_) | PolicyError::UnknownGroup(_) => StatusCode::NOT_FOUND,
+        PolicyError::InUse { .. } | PolicyError::Conflict(_) => StatusCode::CONFLICT,
         PolicyError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
@@ -157,13 +164,13 @@ async fn assign_policy(
     Ok(Json(req))
 }
 
-type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ErrorBody>)>;
+pub(crate) type ApiResult<T> = Result<Json<T>, (StatusCode, Json<ErrorBody>)>;
 
-fn error(status: StatusCode, message: impl Into<String>) -> (StatusCode, Json<ErrorBody>) {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> (StatusCode, Json<ErrorBody>) {
     (status, Json(ErrorBody { error: message.into() }))
 }
 
-fn authorize(s: &ManagementState, headers: &HeaderMap) -> Result<(), (StatusCode, Json<ErrorBody>)> {
+pub(crate) fn authorize(s: &ManagementState, headers: &HeaderMap) -> Result<(), (StatusCode, Json<ErrorBody>)> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -290,30 +297,75 @@ pub struct DiskInfo {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MachineInfo {
     pub machine: String,
+    /// `initial-sync` (no recovery point yet), `protected`, `test-failover` (protected, with
+    /// writable test exports open) or `failed-over` (replication stopped until failback).
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    /// The newest recovery point, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_point: Option<u64>,
     pub disks: Vec<DiskInfo>,
 }
 
 async fn machines(State(s): State<Arc<ManagementState>>, headers: HeaderMap) -> ApiResult<Vec<MachineInfo>> {
     authorize(&s, &headers)?;
     let r = reader(&s)?;
-    Ok(Json(
+    let policies = s.policies.clone();
+    let ops = s.operations.clone();
+    let list = tokio::task::spawn_blocking(move || {
+        let failed: Vec<String> = ops
+            .as_ref()
+            .and_then(|o| o.jobs.failovers().ok())
+            .map(|f| f.into_iter().map(|(m, _)| m).collect())
+            .unwrap_or_default();
+        let testing: Vec<String> = ops
+            .as_ref()
+            .and_then(|o| o.jobs.test_failovers().ok())
+            .map(|f| f.into_iter().map(|(m, _)| m).collect())
+            .unwrap_or_default();
         r.machines()
             .into_iter()
-            .map(|m| MachineInfo {
-                disks: r
-                    .disks(&m)
-                    .into_iter()
-                    .map(|d| DiskInfo {
-                        disk: d.disk,
-                        size: d.size,
-                        acked_through: d.next_seq - 1,
-                        uploaded_through: d.uploaded_through,
-                    })
-                    .collect(),
-                machine: m,
+            .map(|m| {
+                let latest_point = r.points(&m).ok().and_then(|p| p.first().map(|p| p.id));
+                let state = if failed.contains(&m) {
+                    "failed-over"
+                } else if testing.contains(&m) {
+                    "test-failover"
+                } else if latest_point.is_some() {
+                    "protected"
+                } else {
+                    "initial-sync"
+                };
+                MachineInfo {
+                    state: state.into(),
+                    policy: policies.as_ref().and_then(|p| p.policy_of(&m).ok()).unwrap_or_default(),
+                    group: ops
+                        .as_ref()
+                        .and_then(|o| o.coordinator.groups().group_of(&m).ok().flatten())
+                        .unwrap_or_default(),
+                    latest_point,
+                    disks: r
+                        .disks(&m)
+                        .into_iter()
+                        .map(|d| DiskInfo {
+                            disk: d.disk,
+                            size: d.size,
+                            acked_through: d.next_seq - 1,
+                            uploaded_through: d.uploaded_through,
+                        })
+                        .collect(),
+                    machine: m,
+                }
             })
-            .collect(),
-    ))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(list))
 }
 
 async fn points(
@@ -348,6 +400,7 @@ pub fn router(state: Arc<ManagementState>) -> Router {
             "/api/policies/{name}",
             axum::routing::put(put_policy).delete(delete_policy),
         )
+        .merge(crate::operations::routes())
         .with_state(state)
 }
 
@@ -439,7 +492,23 @@ impl Client {
             .await
     }
 
+    pub async fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+        self.call(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    /// DELETE; the answer has no body.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await?;
+        Ok(())
+    }
+
     async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        Ok(self.send(req).await?.json().await?)
+    }
+
+    /// Sends with the admin token; a non-success answer becomes an error with the API's message.
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let r = req
             .bearer_auth(&self.token)
             .send()
@@ -453,6 +522,6 @@ impl Client {
                 .unwrap_or(body);
             anyhow::bail!("{status}: {msg}");
         }
-        Ok(r.json().await?)
+        Ok(r)
     }
 }

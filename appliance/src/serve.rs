@@ -98,11 +98,40 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         );
         tasks.push(tokio::spawn(retention.run(every, shutdown.clone())));
     }
-    if let Some(reader) = &reader {
+    let exports = reader
+        .as_ref()
+        .map(|r| lifeboat_fs::exports::PointExports::new(r.clone()));
+    // Jobs (failover, test failover, failback) need both the catalogue and the exports.
+    let operations = match (&reader, &exports, &process) {
+        (Some(reader), Some(exports), Some(ps)) => {
+            let jobs = crate::jobs::Jobs::start(
+                ps.journal.clone(),
+                reader.clone(),
+                exports.clone(),
+                ps.coordinator.clone(),
+                ps.events.clone(),
+                cfg.data_dir.clone(),
+                crate::jobs::JobMetrics::register(&registry),
+            )
+            .await?;
+            Some(std::sync::Arc::new(crate::operations::Operations {
+                jobs,
+                coordinator: ps.coordinator.clone(),
+                events: ps.events.clone(),
+                ingest: ps.ingest.clone(),
+                replication_address: ready
+                    .get("replication")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            }))
+        }
+        _ => None,
+    };
+    if let (Some(reader), Some(exports)) = (&reader, &exports) {
         let listener = bind("NBD", cfg.raw.listen.nbd).await?;
         ready.insert("nbd".into(), metrics::addr_of(&listener).to_string().into());
-        let exports = lifeboat_fs::exports::PointExports::new(reader.clone());
-        let nbd = std::sync::Arc::new(lifeboat_fs::nbd::NbdServer::new(exports));
+        let nbd = std::sync::Arc::new(lifeboat_fs::nbd::NbdServer::new(exports.clone()));
         metrics::register_read_side(&registry, &host, nbd.stats(), reader.clone());
         tasks.push(tokio::spawn(nbd.serve(listener, until_shutdown(shutdown.clone()))));
     }
@@ -121,6 +150,7 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
                 &admin_token,
                 reader.clone(),
                 process.as_ref().map(|ps| ps.policies.clone()),
+                operations.clone(),
             )),
             shutdown.clone(),
         )));

@@ -240,11 +240,25 @@ impl Agent {
 
     /// Appends an app-consistent bookmark to the machine's stream; returns the ack with the point id.
     pub async fn bookmark(&self, label: &str) -> Result<Ack, AgentError> {
+        self.answer_bookmark(label, None).await
+    }
+
+    /// Sends a bookmark, answering the server's request `request` when given. A replication
+    /// group's member waits here until every member has sent its own (the group barrier).
+    pub async fn answer_bookmark(&self, label: &str, request: Option<u64>) -> Result<Ack, AgentError> {
         let url = self.url("bookmarks");
         let req = BookmarkRequest {
             label: label.to_owned(),
+            request,
         };
         let resp = self.send_retrying(|| self.http.post(&url).json(&req)).await?;
+        resp.json().await.map_err(|e| describe(&e, &self.cfg.server))
+    }
+
+    /// What the server asks of this agent now (a scheduled app-consistent bookmark).
+    pub async fn requests(&self) -> Result<crate::consistency::AgentRequests, AgentError> {
+        let url = self.url("requests");
+        let resp = self.send_retrying(|| self.http.get(&url)).await?;
         resp.json().await.map_err(|e| describe(&e, &self.cfg.server))
     }
 

@@ -104,6 +104,17 @@ pub struct RecoveryPoint {
     pub kind: String,
     pub label: String,
     pub seqs: BTreeMap<String, u64>,
+    /// The replication group whose members share this point id (empty: the machine alone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+}
+
+/// The answer to a group point: its id and time, and each member's per-disk positions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupPointAck {
+    pub point: u64,
+    pub time_ms: u64,
+    pub seqs: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// The catalogue name of a point record's kind.
@@ -209,6 +220,13 @@ enum Command {
         n: u64,
         reply: oneshot::Sender<Result<(u32, u64), JournalError>>,
     },
+    GroupPoint {
+        group: String,
+        machines: Vec<String>,
+        kind: RecordKind,
+        label: String,
+        reply: oneshot::Sender<Result<GroupPointAck, JournalError>>,
+    },
 }
 
 /// Shared, read-mostly state; only the writer thread mutates it.
@@ -247,7 +265,7 @@ impl Drop for WriterGuard {
     }
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -467,6 +485,59 @@ impl Journal {
     /// what they took in the journal (the sum of their journal value lengths).
     pub async fn segment_uploaded(&self, plan: SegmentPlan, bytes: u64) -> Result<(), JournalError> {
         self.call(|reply| Command::Uploaded { plan, bytes, reply }).await
+    }
+
+    /// Cuts one recovery point shared by `machines` (a replication group's members), at one
+    /// position of the serial log order: every write acked before it is in it on every member,
+    /// none acked after. Machines without disks get no point. `kind` is CrashPoint or Bookmark.
+    pub async fn group_point(
+        &self,
+        group: &str,
+        machines: &[String],
+        kind: RecordKind,
+        label: &str,
+    ) -> Result<GroupPointAck, JournalError> {
+        self.call(|reply| Command::GroupPoint {
+            group: group.to_owned(),
+            machines: machines.to_vec(),
+            kind,
+            label: label.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Cuts a crash-consistent group point when any member took writes since the group's last
+    /// point; `None` when nothing changed or the cache is full (the next round retries).
+    pub async fn cut_group_crash_point(&self, group: &str, machines: &[String]) -> Result<Option<u64>, JournalError> {
+        let me = self.clone();
+        let ms = machines.to_vec();
+        let lasts = tokio::task::spawn_blocking(move || {
+            ms.iter()
+                .map(|m| me.last_point(m).map(|p| (m.clone(), p)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|_| JournalError::Stopped)??;
+        let disks = self.disks();
+        let changed = lasts.iter().any(|(m, last)| {
+            disks.iter().filter(|d| &d.machine == m).any(|d| {
+                d.next_seq - 1 > last.as_ref().and_then(|p| p.seqs.get(&d.disk)).copied().unwrap_or(0)
+            })
+        });
+        if !changed {
+            return Ok(None);
+        }
+        let with_disks: Vec<String> = lasts
+            .into_iter()
+            .map(|(m, _)| m)
+            .filter(|m| disks.iter().any(|d| &d.machine == m))
+            .collect();
+        match self.group_point(group, &with_disks, RecordKind::CrashPoint, "").await {
+            Ok(ack) => Ok(Some(ack.point)),
+            Err(JournalError::CacheFull { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Stores an agent token's hash for `machine`.
@@ -816,6 +887,17 @@ impl Writer {
                     }
                     replies.push(deferred_reply(reply, r));
                 }
+                Command::GroupPoint {
+                    group,
+                    machines,
+                    kind,
+                    label,
+                    reply,
+                } => {
+                    let r = self.group_point(&mut g, &group, &machines, kind, &label);
+                    committed_any |= r.is_ok();
+                    replies.push(deferred_reply(reply, r));
+                }
                 Command::AddToken { hash, machine, reply } => {
                     g.wb.put_cf(meta, token_key(&hash), machine.as_bytes());
                     replies.push(deferred_reply(reply, Ok(())));
@@ -999,42 +1081,11 @@ impl Writer {
                 }
                 None => {
                     // A point (bookmark or crash point): one id, one record in every disk's log.
-                    let point_id = match g.next_point {
-                        Some(n) => n,
-                        None => u64_value(g.db.get_cf(meta, NEXT_POINT_KEY)?).max(1),
-                    };
-                    g.next_point = Some(point_id + 1);
-                    g.wb.put_cf(meta, NEXT_POINT_KEY, (point_id + 1).to_be_bytes());
+                    let point_id = self.next_point_id(g)?;
                     let label = String::from_utf8_lossy(&p.record.payload).into_owned();
-                    let mut point = RecoveryPoint {
-                        id: point_id,
-                        machine: machine.into(),
-                        time_ms: now,
-                        kind: point_kind_name(p.record.kind).into(),
-                        label,
-                        seqs: BTreeMap::new(),
-                    };
-                    for id in self.machine_disks(g, machine) {
-                        let (seq, name) = self.take_seq(g, id);
-                        let rec = LogRecord {
-                            kind: p.record.kind,
-                            seq,
-                            time_ms: now,
-                            offset: point_id,
-                            len: p.record.payload.len() as u32,
-                            payload: p.record.payload.clone(),
-                        };
-                        let value = rec.to_journal_value();
-                        added += value.len() as u64;
-                        g.wb.put_cf(journal, journal_key(id, seq), value);
-                        point.seqs.insert(name.clone(), seq);
-                        ack.seqs.insert(name, seq);
-                    }
-                    g.wb.put_cf(
-                        meta,
-                        point_key(machine, point_id),
-                        serde_json::to_vec(&point).expect("json"),
-                    );
+                    let (point, bytes) = self.append_point(g, machine, point_id, p.record.kind, &label, "", now);
+                    added += bytes;
+                    ack.seqs.extend(point.seqs);
                     ack.point = Some(point_id);
                 }
             }
@@ -1042,6 +1093,99 @@ impl Writer {
         g.cache_used += added;
         g.wb.put_cf(meta, &bkey, serde_json::to_vec(&ack).expect("json"));
         g.acks.insert(bkey, ack.clone());
+        Ok(ack)
+    }
+
+    /// Takes the next recovery point id (ids are unique across machines, so a replication group's
+    /// members can share one).
+    fn next_point_id(&self, g: &mut Group) -> Result<u64, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let point_id = match g.next_point {
+            Some(n) => n,
+            None => u64_value(g.db.get_cf(meta, NEXT_POINT_KEY)?).max(1),
+        };
+        g.next_point = Some(point_id + 1);
+        g.wb.put_cf(meta, NEXT_POINT_KEY, (point_id + 1).to_be_bytes());
+        Ok(point_id)
+    }
+
+    /// Appends point `point_id`'s record to every disk log of `machine` and stores the point;
+    /// returns it and the journal bytes it added.
+    #[allow(clippy::too_many_arguments)]
+    fn append_point(
+        &self,
+        g: &mut Group,
+        machine: &str,
+        point_id: u64,
+        kind: RecordKind,
+        label: &str,
+        group: &str,
+        now: u64,
+    ) -> (RecoveryPoint, u64) {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let journal = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
+        let payload = bytes::Bytes::copy_from_slice(label.as_bytes());
+        let mut added = 0u64;
+        let mut point = RecoveryPoint {
+            id: point_id,
+            machine: machine.into(),
+            time_ms: now,
+            kind: point_kind_name(kind).into(),
+            label: label.into(),
+            seqs: BTreeMap::new(),
+            group: group.into(),
+        };
+        for id in self.machine_disks(g, machine) {
+            let (seq, name) = self.take_seq(g, id);
+            let rec = LogRecord {
+                kind,
+                seq,
+                time_ms: now,
+                offset: point_id,
+                len: payload.len() as u32,
+                payload: payload.clone(),
+            };
+            let value = rec.to_journal_value();
+            added += value.len() as u64;
+            g.wb.put_cf(journal, journal_key(id, seq), value);
+            point.seqs.insert(name, seq);
+        }
+        g.wb.put_cf(
+            meta,
+            point_key(machine, point_id),
+            serde_json::to_vec(&point).expect("json"),
+        );
+        (point, added)
+    }
+
+    /// One recovery point across several machines (a replication group), cut in one write: every
+    /// member's disks get the point's record at the same position of the serial log order.
+    fn group_point(
+        &self,
+        g: &mut Group,
+        group: &str,
+        machines: &[String],
+        kind: RecordKind,
+        label: &str,
+    ) -> Result<GroupPointAck, JournalError> {
+        if g.cache_used > 0 && g.cache_used + 4096 > self.state.max_bytes {
+            return Err(JournalError::CacheFull {
+                used: g.cache_used,
+                max: self.state.max_bytes,
+            });
+        }
+        let point_id = self.next_point_id(g)?;
+        let now = now_ms();
+        let mut ack = GroupPointAck {
+            point: point_id,
+            time_ms: now,
+            seqs: BTreeMap::new(),
+        };
+        for machine in machines {
+            let (point, bytes) = self.append_point(g, machine, point_id, kind, label, group, now);
+            g.cache_used += bytes;
+            ack.seqs.insert(machine.clone(), point.seqs);
+        }
         Ok(ack)
     }
 

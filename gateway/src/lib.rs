@@ -20,7 +20,10 @@
 pub mod agent;
 pub mod blob;
 pub mod catalog;
+pub mod consistency;
 pub mod crypto;
+pub mod events;
+pub mod groups;
 pub mod journal;
 pub mod metrics;
 pub mod policy;
@@ -97,44 +100,12 @@ pub struct ProcessServer {
     pub kek: crypto::Key,
     /// Replication policies and which machine follows which.
     pub policies: policy::Policies,
+    /// Point schedule and group bookmark barriers; holds the replication groups.
+    pub coordinator: Arc<consistency::Coordinator>,
+    /// The event log.
+    pub events: events::Events,
     uploader: tokio::task::JoinHandle<()>,
     points: tokio::task::JoinHandle<()>,
-}
-
-/// Cuts a crash-consistent point for each machine that took writes, on the interval of the
-/// policy it follows (checked every second, so a policy change applies at once), until shutdown.
-async fn crash_point_timer(policies: policy::Policies, mut shutdown: watch::Receiver<bool>) {
-    let journal = policies.journal().clone();
-    let mut last_cut: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let mut machines: Vec<String> = journal.disks().into_iter().map(|d| d.machine).collect();
-        machines.sort();
-        machines.dedup();
-        for m in machines {
-            let now = tokio::time::Instant::now();
-            let since = *last_cut.entry(m.clone()).or_insert(now);
-            let p = policies.clone();
-            let name = m.clone();
-            let Ok(settings) = tokio::task::spawn_blocking(move || p.settings_of(&name)).await else {
-                continue;
-            };
-            if now.duration_since(since) < settings.crash_consistent_interval {
-                continue;
-            }
-            last_cut.insert(m.clone(), now);
-            match journal.cut_crash_point(&m).await {
-                Ok(Some(id)) => tracing::debug!(machine = %m, point = id, "crash-consistent point"),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(machine = %m, error = %e, "could not cut a crash-consistent point"),
-            }
-        }
-    }
 }
 
 impl ProcessServer {
@@ -165,13 +136,18 @@ impl ProcessServer {
         ));
         let uploader = tokio::spawn(up.run(shutdown.clone()));
         let policies = policy::Policies::new(journal.clone(), cfg.default_policy.clone());
-        let points = tokio::spawn(crash_point_timer(policies.clone(), shutdown));
+        let j = journal.clone();
+        let events = tokio::task::spawn_blocking(move || events::Events::open(j)).await??;
+        metrics.use_policies(policies.clone(), events.clone());
+        let coordinator = consistency::Coordinator::new(policies.clone(), events.clone());
+        let points = tokio::spawn(coordinator.clone().run(shutdown));
         let ingest = server::IngestState::new(
             journal.clone(),
             blob.clone(),
             kek.clone(),
             cfg.passphrase.clone(),
             metrics,
+            coordinator.clone(),
         );
         Ok(Self {
             journal,
@@ -179,6 +155,8 @@ impl ProcessServer {
             blob,
             kek,
             policies,
+            coordinator,
+            events,
             uploader,
             points,
         })

@@ -61,6 +61,9 @@ pub struct GatewayMetrics {
     pub machine_state: IntGaugeVec,
     rates: Arc<Mutex<Rates>>,
     disks: Arc<Mutex<DiskStates>>,
+    /// Per-machine RPO thresholds (each machine's policy) and the event log for crossings; set
+    /// once the process server has them.
+    policy: Arc<Mutex<Option<(crate::policy::Policies, crate::events::Events)>>>,
 }
 
 /// Per-second buckets of a byte count over the last [`RATE_WINDOW_SECS`].
@@ -221,6 +224,7 @@ impl GatewayMetrics {
             .expect("metric"),
             rates: Arc::default(),
             disks: Arc::default(),
+            policy: Arc::default(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.ingest_bytes.clone()),
@@ -284,13 +288,21 @@ impl GatewayMetrics {
         self.rates.lock().expect("lock").held_back_ms = Some(now_ms());
     }
 
-    /// Recomputes the derived gauges from the journal (blocking: may read RocksDB). Logs a warning
-    /// when a disk's RPO goes over the threshold, and a notice when it is back under.
+    /// From now on each machine's RPO threshold is its policy's, and crossings are events.
+    pub fn use_policies(&self, policies: crate::policy::Policies, events: crate::events::Events) {
+        *self.policy.lock().expect("lock") = Some((policies, events));
+    }
+
+    /// Recomputes the derived gauges from the journal (blocking: may read RocksDB). Posts an
+    /// event (and logs a warning) when a disk's RPO goes over its machine's threshold, and a
+    /// notice when it is back under.
     pub fn refresh(&self, journal: &Journal) {
         let now = now_ms();
         let now_s = now / 1000;
         let disks = journal.disks();
-        let threshold = self.rpo_threshold_seconds.get();
+        let default_threshold = self.rpo_threshold_seconds.get();
+        let policy = self.policy.lock().expect("lock").clone();
+        let mut thresholds: HashMap<String, f64> = HashMap::new();
         // One refresh at a time: the ticker and a scrape may race.
         let mut states = self.disks.lock().expect("lock");
         let mut pending_disks = 0;
@@ -321,11 +333,30 @@ impl GatewayMetrics {
             };
             let Some(rpo) = rpo else { continue };
             self.rpo_seconds.with_label_values(&labels).set(rpo);
+            let threshold = *thresholds.entry(d.machine.clone()).or_insert_with(|| match &policy {
+                Some((p, _)) => p.settings_of(&d.machine).rpo_threshold.as_secs_f64(),
+                None => default_threshold,
+            });
             let exceeded = threshold > 0.0 && rpo > threshold;
-            if exceeded && !st.exceeded {
-                tracing::warn!(machine = %d.machine, disk = %d.disk, rpo_seconds = rpo, threshold_seconds = threshold, "RPO threshold exceeded");
-            } else if !exceeded && st.exceeded {
-                tracing::info!(machine = %d.machine, disk = %d.disk, rpo_seconds = rpo, threshold_seconds = threshold, "RPO back within threshold");
+            if exceeded != st.exceeded {
+                let (severity, kind, what) = if exceeded {
+                    (crate::events::Severity::Warning, "rpo-threshold-exceeded", "over")
+                } else {
+                    (crate::events::Severity::Info, "rpo-within-threshold", "back within")
+                };
+                let message = format!(
+                    "{}/{}: RPO {rpo:.0}s is {what} the threshold of {threshold:.0}s",
+                    d.machine, d.disk
+                );
+                match &policy {
+                    Some((_, events)) => {
+                        if let Err(e) = events.post(severity, kind, &d.machine, message) {
+                            tracing::warn!(error = %e, "could not record an RPO event");
+                        }
+                    }
+                    None if exceeded => tracing::warn!(machine = %d.machine, disk = %d.disk, "{message}"),
+                    None => tracing::info!(machine = %d.machine, disk = %d.disk, "{message}"),
+                }
             }
             st.exceeded = exceeded;
             self.rpo_exceeded.with_label_values(&labels).set(exceeded as i64);

@@ -58,6 +58,10 @@ pub enum PolicyError {
     InUse { name: String, machines: Vec<String> },
     #[error("the default policy cannot be deleted")]
     DeleteDefault,
+    #[error("no replication group named {0:?}")]
+    UnknownGroup(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("policy storage: {0}")]
     Store(String),
 }
@@ -116,7 +120,7 @@ fn policy_key(name: &str) -> Vec<u8> {
     format!("policy/{name}").into_bytes()
 }
 
-fn assignment_key(machine: &str) -> Vec<u8> {
+pub(crate) fn assignment_key(machine: &str) -> Vec<u8> {
     format!("machine-policy/{machine}").into_bytes()
 }
 
@@ -243,6 +247,12 @@ impl Policies {
         self.get(name)?;
         let db = self.journal.db();
         let meta = db.cf_handle(CF_META).expect("meta cf");
+        if let Some(group) = db.get_cf(meta, crate::groups::member_key(machine))? {
+            return Err(PolicyError::Conflict(format!(
+                "machine {machine:?} is in replication group {:?}: set the group's policy instead",
+                String::from_utf8_lossy(&group)
+            )));
+        }
         let mut wb = WriteBatch::default();
         wb.put_cf(meta, assignment_key(machine), name.as_bytes());
         db.write_opt(wb, &synced())?;

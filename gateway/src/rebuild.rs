@@ -124,6 +124,9 @@ pub async fn rebuild(
                     kind: point_kind_name(kind).into(),
                     label,
                     seqs: BTreeMap::new(),
+                    // Group definitions live in the config server, not in blob storage; members'
+                    // points still share their ids.
+                    group: String::new(),
                 });
                 p.seqs.insert(disk.to_owned(), seq);
             }

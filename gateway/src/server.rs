@@ -43,21 +43,108 @@ pub struct IngestState {
     pub kek: Key,
     pub passphrase: String,
     pub metrics: GatewayMetrics,
+    /// Bookmark requests and group barriers.
+    pub coordinator: Arc<crate::consistency::Coordinator>,
     tokens: Mutex<HashMap<[u8; 32], String>>,
     disk_setup: Mutex<()>,
+    /// Machine → (last request, when that was last written to RocksDB), in ms.
+    seen: std::sync::Mutex<HashMap<String, (u64, u64)>>,
 }
 
+/// A registered agent, as the management API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub machine: String,
+    pub version: String,
+    pub registered_ms: u64,
+    /// Last authenticated request (kept durably at most a minute behind).
+    pub last_seen_ms: u64,
+}
+
+fn agent_key(machine: &str) -> Vec<u8> {
+    format!("agent/{machine}").into_bytes()
+}
+
+/// How often an agent's last-seen time is written down.
+const SEEN_PERSIST_MS: u64 = 60_000;
+
 impl IngestState {
-    pub fn new(journal: Journal, blob: BlobStore, kek: Key, passphrase: String, metrics: GatewayMetrics) -> Arc<Self> {
+    pub fn new(
+        journal: Journal,
+        blob: BlobStore,
+        kek: Key,
+        passphrase: String,
+        metrics: GatewayMetrics,
+        coordinator: Arc<crate::consistency::Coordinator>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             journal,
             blob,
             kek,
             passphrase,
             metrics,
+            coordinator,
             tokens: Mutex::new(HashMap::new()),
             disk_setup: Mutex::new(()),
+            seen: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    fn put_agent(&self, info: &AgentInfo) -> Result<(), JournalError> {
+        let db = self.journal.db();
+        let meta = db.cf_handle(journal::CF_META).expect("meta cf");
+        db.put_cf(meta, agent_key(&info.machine), serde_json::to_vec(info).expect("json"))?;
+        Ok(())
+    }
+
+    /// Registered agents with their last-seen times (blocking read).
+    pub fn agents(&self) -> Result<Vec<AgentInfo>, JournalError> {
+        let db = self.journal.db();
+        let meta = db.cf_handle(journal::CF_META).expect("meta cf");
+        let seen = self.seen.lock().expect("lock").clone();
+        let mut out = Vec::new();
+        for item in db.prefix_iterator_cf(meta, b"agent/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"agent/") {
+                break;
+            }
+            let mut a: AgentInfo =
+                serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("agent record: {e}")))?;
+            if let Some((t, _)) = seen.get(&a.machine) {
+                a.last_seen_ms = a.last_seen_ms.max(*t);
+            }
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// Notes a request of `machine`'s agent; writes it down at most once a minute.
+    fn saw(self: &Arc<Self>, machine: &str) {
+        let now = journal::now_ms();
+        let persist = {
+            let mut seen = self.seen.lock().expect("lock");
+            let e = seen.entry(machine.to_owned()).or_insert((now, 0));
+            e.0 = now;
+            let due = now.saturating_sub(e.1) >= SEEN_PERSIST_MS;
+            if due {
+                e.1 = now;
+            }
+            due
+        };
+        if persist {
+            let me = self.clone();
+            let m = machine.to_owned();
+            tokio::task::spawn_blocking(move || {
+                let db = me.journal.db();
+                let meta = db.cf_handle(journal::CF_META).expect("meta cf");
+                if let Ok(Some(v)) = db.get_cf(meta, agent_key(&m)) {
+                    if let Ok(mut a) = serde_json::from_slice::<AgentInfo>(&v) {
+                        a.last_seen_ms = now;
+                        let _ = me.put_agent(&a);
+                    }
+                }
+            });
+        }
     }
 }
 
@@ -143,6 +230,7 @@ pub fn router(state: Arc<IngestState>) -> Router {
         .route("/v1/machines/{machine}/disks/{disk}/checksums", get(checksums))
         .route("/v1/machines/{machine}/batches", post(batch))
         .route("/v1/machines/{machine}/bookmarks", post(bookmark))
+        .route("/v1/machines/{machine}/requests", get(requests))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
         .layer(axum::middleware::from_fn(refuse_oversized))
         .with_state(state)
@@ -216,6 +304,17 @@ async fn register(
     let hash = *blake3::hash(token.as_bytes()).as_bytes();
     s.journal.add_token(hash, &req.machine).await?;
     s.tokens.lock().await.insert(hash, req.machine.clone());
+    let now = journal::now_ms();
+    let info = AgentInfo {
+        machine: req.machine.clone(),
+        version: req.agent_version.clone(),
+        registered_ms: now,
+        last_seen_ms: now,
+    };
+    let me = s.clone();
+    tokio::task::spawn_blocking(move || me.put_agent(&info))
+        .await
+        .expect("agent record")?;
     tracing::info!(machine = %req.machine, agent_version = %req.agent_version, "agent registered");
     Ok(Json(RegisterResponse {
         machine: req.machine,
@@ -224,7 +323,7 @@ async fn register(
 }
 
 /// Checks the bearer token and that it belongs to `machine`.
-async fn authorize(s: &IngestState, headers: &HeaderMap, machine: &str) -> Result<(), ApiError> {
+async fn authorize(s: &Arc<IngestState>, headers: &HeaderMap, machine: &str) -> Result<(), ApiError> {
     let unauthorized = || {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -256,6 +355,7 @@ async fn authorize(s: &IngestState, headers: &HeaderMap, machine: &str) -> Resul
             format!("this token belongs to machine {owner:?}, not {machine:?}"),
         ));
     }
+    s.saw(machine);
     Ok(())
 }
 
@@ -292,6 +392,7 @@ async fn register_disk(
     check_name("machine", &machine)?;
     check_name("disk", &disk)?;
     authorize(&s, &headers, &machine).await?;
+    refuse_if_stopped(&s, &machine)?;
     if req.size == 0 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "disk size must be positive"));
     }
@@ -381,6 +482,17 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Result<u64, ApiError> {
 }
 
 /// How long a batch waits for cache space before the server answers 503.
+/// A failed-over machine's writes are refused until failback re-protects it.
+fn refuse_if_stopped(s: &IngestState, machine: &str) -> Result<(), ApiError> {
+    match s.coordinator.replication_stopped(machine) {
+        Some(why) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("replication of {machine:?} is stopped ({why}); failback re-protects it"),
+        )),
+        None => Ok(()),
+    }
+}
+
 const HOLD_WHEN_FULL: Duration = Duration::from_secs(5);
 
 async fn batch(
@@ -391,6 +503,7 @@ async fn batch(
 ) -> Result<Json<journal::Ack>, ApiError> {
     let started = Instant::now();
     authorize(&s, &headers, &machine).await?;
+    refuse_if_stopped(&s, &machine)?;
     let session = header_u64(&headers, "x-lifeboat-session")?;
     let batch_no = header_u64(&headers, "x-lifeboat-batch")?;
     let j = s.journal.clone();
@@ -458,6 +571,23 @@ async fn batch(
 pub struct BookmarkRequest {
     #[serde(default)]
     pub label: String,
+    /// The server's request this bookmark answers (from `GET .../requests`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<u64>,
+}
+
+/// What the server asks of the agent (an app-consistent bookmark on the policy's schedule).
+async fn requests(
+    State(s): State<Arc<IngestState>>,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<crate::consistency::AgentRequests>, ApiError> {
+    authorize(&s, &headers, &machine).await?;
+    s.coordinator
+        .requests(&machine)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn bookmark(
@@ -479,14 +609,14 @@ async fn bookmark(
             format!("machine {machine:?} has no disks yet: sync before bookmarking"),
         ));
     }
-    let record = protocol::IngestRecord::bookmark(&req.label);
-    let mut raw = [0u8; 8];
-    rand::thread_rng().fill_bytes(&mut raw);
-    let ack = s
-        .journal
-        .commit(&machine, u64::from_be_bytes(raw), 0, vec![journal::prepare(record, 0)])
-        .await?;
-    Ok(Json(ack))
+    use crate::consistency::BookmarkError;
+    match s.coordinator.bookmark(&machine, &req.label, req.request).await {
+        Ok(ack) => Ok(Json(ack)),
+        Err(BookmarkError::Journal(e)) => Err(e.into()),
+        Err(e @ BookmarkError::BarrierTimeout { .. }) => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string())),
+        Err(e @ BookmarkError::Stopped(_)) => Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
 }
 
 /// Serves `router` over TLS on `listener` until `shutdown` turns true. Each connection runs in

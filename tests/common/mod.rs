@@ -236,6 +236,17 @@ impl Appliance {
             .unwrap_or_else(|e| panic!("points {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
     }
 
+    /// An operator command (`lifeboat ARGS --config CONFIG`) against this appliance; not checked.
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        Command::new(lifeboat_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
     /// An `nbd://` URI of an export on this appliance.
     pub fn nbd_uri(&self, export: &str) -> String {
         format!("nbd://{}/{export}", self.nbd)

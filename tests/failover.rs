@@ -1,0 +1,380 @@
+//! The config server's DR scenario end to end, with the appliance restarted between every step:
+//! two machines in one replication group replicate; the group's app-consistent point is taken
+//! on the policy's schedule (agents in --watch answer the request; one point id across both);
+//! a test failover of a plan (machines step, script step, manual pause + resume) exposes
+//! writable NBD exports at that group point whose writes never reach the protected data;
+//! cleanup removes them; a failover to files gives byte-exact disks and stops replication;
+//! failback onto a changed copy of the original disk writes exactly the differing blocks and
+//! replication resumes without a full copy. Plus the API's refusals (400/404/409).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lifeboat_fs::pit::PointInfo;
+
+const DISK_SIZE: usize = 16 << 20;
+const BLOCK: usize = 64 << 10;
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A disk of random data with a zeroed stretch (a hole the failover keeps sparse).
+fn make_disk(path: &Path, seed: u64) -> Vec<u8> {
+    let mut data = pseudo_random(DISK_SIZE, seed);
+    data[4 << 20..6 << 20].fill(0);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Overwrites 4 KiB in each of `blocks` (64 KiB block numbers).
+fn change_blocks(path: &Path, blocks: &[usize], byte: u8) {
+    let mut data = std::fs::read(path).unwrap();
+    for b in blocks {
+        data[b * BLOCK + 100..b * BLOCK + 4196].fill(byte);
+    }
+    std::fs::write(path, &data).unwrap();
+}
+
+fn differing_blocks(a: &[u8], b: &[u8]) -> usize {
+    a.chunks(BLOCK).zip(b.chunks(BLOCK)).filter(|(x, y)| x != y).count()
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json(out: Output, what: &str) -> serde_json::Value {
+    let out = ok(out, what);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Fails with the expected HTTP status in the message.
+fn refused(out: Output, status: &str, what: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{what} should have failed");
+    assert!(err.contains(status), "{what}: expected {status}, got {err}");
+    err
+}
+
+fn watch_agent(app: &Appliance, machine: &str, disk: &Path) -> Child {
+    app.agent("sync", machine)
+        .arg("--disk")
+        .arg(disk)
+        .args(["--watch", "1", "--json"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn machine_state(app: &Appliance, machine: &str) -> String {
+    let list = json(app.admin(&["machines", "list", "--json"]), "machines list");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["machine"] == machine)
+        .unwrap_or_else(|| panic!("{machine} not listed: {list}"))["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Reads an NBD export whole with nbdcopy.
+fn read_export(app: &Appliance, export: &str, scratch: &Path) -> Vec<u8> {
+    let out = scratch.join("export.raw");
+    let _ = std::fs::remove_file(&out);
+    tool("nbdcopy", &[&app.nbd_uri(export), out.to_str().unwrap()]);
+    std::fs::read(&out).unwrap()
+}
+
+fn app_points(app: &Appliance, machine: &str) -> Vec<PointInfo> {
+    app.points(machine)
+        .into_iter()
+        .filter(|p| p.kind == "app-consistent" && p.readable)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_points_test_failover_failover_and_failback_survive_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let blob = BlobTarget::Local(work.join("blob"));
+    let mut app = Appliance::start(
+        &work.join("appliance"),
+        &blob,
+        "[policy]\ncrash_consistent_interval = \"1h\"\napp_consistent_interval = \"24h\"\n",
+    );
+    let (d1, d2) = (work.join("m1-disk0.img"), work.join("m2-disk0.img"));
+    make_disk(&d1, 1);
+    make_disk(&d2, 2);
+    app.sync("m1", &[&d1]);
+    app.sync("m2", &[&d2]);
+
+    // A group whose policy takes an app-consistent point every 3 s and a crash point every 2 s.
+    ok(
+        app.admin(&[
+            "policy",
+            "set",
+            "grp",
+            "--crash-consistent-interval",
+            "2s",
+            "--app-consistent-interval",
+            "3s",
+        ]),
+        "policy set",
+    );
+    let bad = app.admin(&["group", "set", "g", "--machine", "m1", "--policy", "nosuch"]);
+    refused(bad, "400", "group with an unknown policy");
+    ok(
+        app.admin(&["group", "set", "app", "--machine", "m1", "--machine", "m2", "--policy", "grp"]),
+        "group set",
+    );
+    refused(
+        app.admin(&["group", "set", "other", "--machine", "m2"]),
+        "409",
+        "a machine in two groups",
+    );
+    app.restart();
+    let groups = json(app.admin(&["group", "list", "--json"]), "group list");
+    assert_eq!(groups[0]["name"], "app", "{groups}");
+    assert_eq!(groups[0]["machines"], serde_json::json!(["m1", "m2"]));
+
+    // Agents in watch mode answer the scheduled request; the group barrier gives one point id.
+    let mut agents = [watch_agent(&app, "m1", &d1), watch_agent(&app, "m2", &d2)];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let shared = loop {
+        let (a, b) = (app_points(&app, "m1"), app_points(&app, "m2"));
+        let ids2: BTreeSet<u64> = b.iter().map(|p| p.id).collect();
+        if let Some(p) = a.iter().find(|p| ids2.contains(&p.id) && p.label == "scheduled") {
+            break p.clone();
+        }
+        assert!(Instant::now() < deadline, "no shared app-consistent point: {a:?} {b:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Crash-consistent group points share ids too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let crash = |m| -> BTreeSet<u64> {
+            app.points(m)
+                .into_iter()
+                .filter(|p| p.kind == "crash-consistent")
+                .map(|p| p.id)
+                .collect()
+        };
+        if crash("m1").intersection(&crash("m2")).next().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no shared crash-consistent point");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for a in &mut agents {
+        a.kill().unwrap();
+        a.wait().unwrap();
+    }
+    // The disks did not change while the agents ran: the app point is their content.
+    let (v1_m1, v1_m2) = (std::fs::read(&d1).unwrap(), std::fs::read(&d2).unwrap());
+    eprintln!("shared app-consistent point {}", shared.id);
+
+    // A plan: the group, a script that sees the plan's context, and a manual pause.
+    let marker = work.join("script-ran");
+    let plan = serde_json::json!({"steps": [
+        {"type": "machines", "machines": ["m1", "m2"]},
+        {"type": "script", "command": format!("echo \"$LIFEBOAT_JOB_KIND $LIFEBOAT_MACHINES\" > {}", marker.display())},
+        {"type": "pause", "message": "check the test VMs"}
+    ]});
+    let plan_file = work.join("plan.json");
+    std::fs::write(&plan_file, plan.to_string()).unwrap();
+    let bad_plan = work.join("bad-plan.json");
+    std::fs::write(&bad_plan, r#"{"steps": [{"type": "pause"}]}"#).unwrap();
+    refused(
+        app.admin(&["plan", "set", "bad", "--file", bad_plan.to_str().unwrap()]),
+        "400",
+        "a plan without machines",
+    );
+    ok(
+        app.admin(&["plan", "set", "site", "--file", plan_file.to_str().unwrap()]),
+        "plan set",
+    );
+    app.restart();
+
+    // Test failover of the plan at the latest app-consistent point: pauses at the manual step.
+    let job = json(
+        app.admin(&["failover", "--test", "--plan", "site", "--point", "latest-app", "--json"]),
+        "test failover",
+    );
+    assert_eq!(job["state"], "paused", "{job}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().trim(),
+        "test-failover m1,m2"
+    );
+    let id = job["id"].as_u64().unwrap().to_string();
+    app.restart();
+    let job = json(app.admin(&["jobs", "resume", &id, "--json"]), "jobs resume");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let results = job["results"].as_array().unwrap();
+    let points: BTreeSet<u64> = results.iter().map(|r| r["point"].as_u64().unwrap()).collect();
+    assert_eq!(points, BTreeSet::from([shared.id]), "both machines at the group point: {job}");
+    app.restart();
+
+    // The writable exports survive the restart; writes stay in the overlay.
+    let scratch = work.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    assert_same_image(
+        &read_export(&app, "m1/disk0@test-failover", &scratch),
+        &v1_m1,
+        "m1 test failover export",
+    );
+    assert_same_image(
+        &read_export(&app, "m2/disk0@test-failover", &scratch),
+        &v1_m2,
+        "m2 test failover export",
+    );
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1000 70000",
+            &app.nbd_uri("m1/disk0@test-failover"),
+        ],
+    );
+    let mut expected = v1_m1.clone();
+    expected[1000..71000].fill(0xab);
+    app.restart();
+    assert_same_image(
+        &read_export(&app, "m1/disk0@test-failover", &scratch),
+        &expected,
+        "test failover export after a write and a restart",
+    );
+    assert_same_image(
+        &read_export(&app, &format!("m1/disk0@{}", shared.id), &scratch),
+        &v1_m1,
+        "the protected point is untouched by test writes",
+    );
+    assert_eq!(machine_state(&app, "m1"), "test-failover");
+    // Replication keeps running during a test failover.
+    change_blocks(&d1, &[3, 40, 41, 200], 0x11);
+    let s = app.sync("m1", &[&d1]);
+    assert!(s.bytes_sent > 0);
+    refused(
+        app.admin(&["failover", "--test", "--machine", "m1"]),
+        "409",
+        "a second test failover",
+    );
+
+    // Cleanup removes the exports.
+    let job = json(app.admin(&["failover", "--cleanup", "--plan", "site", "--json"]), "cleanup");
+    assert_eq!(job["state"], "paused", "the plan's pause applies to cleanup too: {job}");
+    let id = job["id"].as_u64().unwrap().to_string();
+    json(app.admin(&["jobs", "resume", &id, "--json"]), "resume cleanup");
+    app.restart();
+    let gone = Command::new("nbdinfo")
+        .arg(app.nbd_uri("m1/disk0@test-failover"))
+        .output()
+        .expect("nbdinfo is required (bash .ci/setup installs it)");
+    assert!(!gone.status.success(), "the test export is gone after cleanup");
+    assert!(!work.join("appliance/data/test-failover/m1/disk0").exists() || {
+        std::fs::read_dir(work.join("appliance/data/test-failover/m1/disk0"))
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true)
+    });
+    assert_eq!(machine_state(&app, "m1"), "protected");
+
+    // Refusals: unknown machine 404, unknown plan 404.
+    refused(app.admin(&["failover", "--machine", "nosuch", "--target-dir", "/tmp/x"]), "404", "unknown machine");
+    refused(app.admin(&["failover", "--plan", "nosuch", "--target-dir", "/tmp/x"]), "404", "unknown plan");
+
+    // Failover of both machines to files at the group point: byte-exact, replication stopped.
+    let fo = work.join("failover");
+    let job = json(
+        app.admin(&[
+            "failover",
+            "--machine",
+            "m1",
+            "--machine",
+            "m2",
+            "--point",
+            &shared.id.to_string(),
+            "--target-dir",
+            fo.to_str().unwrap(),
+            "--json",
+        ]),
+        "failover",
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let (f1, f2) = (fo.join("m1/disk0.img"), fo.join("m2/disk0.img"));
+    assert_same_image(&std::fs::read(&f1).unwrap(), &v1_m1, "m1 failed over");
+    assert_same_image(&std::fs::read(&f2).unwrap(), &v1_m2, "m2 failed over");
+    app.restart();
+    assert_eq!(machine_state(&app, "m1"), "failed-over");
+    let out = app.agent("sync", "m1").arg("--disk").arg(&d1).output().unwrap();
+    refused(out, "409", "replication of a failed-over machine");
+    // Two failovers of one machine: the second is refused.
+    refused(
+        app.admin(&["failover", "--machine", "m1", "--target-dir", fo.to_str().unwrap()]),
+        "409",
+        "a second failover",
+    );
+    json(app.admin(&["failover", "--commit", "--machine", "m1", "--machine", "m2", "--json"]), "commit");
+    app.restart();
+
+    // In the "cloud", the failed-over m1 ran on and wrote to its disk.
+    change_blocks(&f1, &[7, 100], 0x77);
+    let cloud_m1 = std::fs::read(&f1).unwrap();
+    // Failback onto the on-premises disk, which changed too since the point.
+    change_blocks(&d1, &[5, 150], 0x22);
+    let onprem = std::fs::read(&d1).unwrap();
+    let expect_written = differing_blocks(&onprem, &cloud_m1);
+    assert!(expect_written >= 6, "{expect_written}");
+    let job = json(
+        app.admin(&["failback", "--machine", "m1", "--target", &format!("m1/disk0={}", d1.display()), "--json"]),
+        "failback",
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let r = &job["results"][0];
+    assert_eq!(r["blocks_written"].as_u64().unwrap() as usize, expect_written, "{job}");
+    assert_eq!(r["blocks_compared"].as_u64().unwrap() as usize, DISK_SIZE / BLOCK);
+    assert_same_image(&std::fs::read(&d1).unwrap(), &cloud_m1, "m1 after failback");
+    app.restart();
+
+    // Re-protected: replication resumes without a full copy.
+    assert_ne!(machine_state(&app, "m1"), "failed-over");
+    let s = app.sync("m1", &[&d1]);
+    assert!(
+        s.bytes_sent > 0 && s.bytes_sent < (DISK_SIZE / 4) as u64,
+        "only the differing blocks are sent: {s:?}"
+    );
+    let events = json(app.admin(&["events", "--json"]), "events");
+    let kinds: BTreeSet<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    for k in ["job-paused", "failed-over", "failed-back", "job-succeeded"] {
+        assert!(kinds.contains(k), "event {k} missing: {kinds:?}");
+    }
+    let metrics = app.metrics_text();
+    assert!(metrics.contains("lifeboat_jobs{kind=\"failback\",state=\"succeeded\"} 1"), "{metrics}");
+}
