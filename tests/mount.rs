@@ -117,7 +117,43 @@ fn write_gpt(disk: &mut [u8], parts: &[(u64, u64)]) {
     disk[b..b + 92].copy_from_slice(&header(sectors - 1, 1, sectors - 33));
 }
 
-/// Builds the disk of `version`: GPT, ext4 of the tree in p1, raw bytes in p2.
+/// Commits a new block of hello.txt to the journal of `fs` without applying it (the filesystem
+/// then needs recovery, as a crash-consistent copy of a mounted one does) and changes the tree to
+/// match: the mount must replay the journal (through `ext4-view`) to show the new text.
+fn journal_hello(scratch: &Path, tree: &Path, fs: &Path) {
+    let fs = fs.to_str().unwrap();
+    let out = tool("debugfs", &["-R", "bmap /hello.txt 0", fs]);
+    let block: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("bmap output");
+    let hello = tree.join("hello.txt");
+    let old = std::fs::read(&hello).unwrap();
+    let new = String::from_utf8(old).unwrap().to_uppercase().into_bytes();
+    let mut data = new.clone();
+    data.resize(4096, 0);
+    let (blk, cmds) = (scratch.join("journal-block"), scratch.join("journal-cmds"));
+    std::fs::write(&blk, &data).unwrap();
+    std::fs::write(&cmds, format!("jo -c -v 3\njw -b {block} {}\njc\n", blk.display())).unwrap();
+    tool("debugfs", &["-w", "-f", cmds.to_str().unwrap(), fs]);
+    let out = tool("dumpe2fs", &["-h", fs]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("needs_recovery"),
+        "journal not written"
+    );
+    let mtime = std::fs::metadata(&hello).unwrap().modified().unwrap();
+    std::fs::write(&hello, &new).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&hello)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
+
+/// Builds the disk of `version`: GPT, ext4 of the tree in p1, raw bytes in p2. Version 2 needs
+/// journal recovery, which the mount leaves to `ext4-view` (version 1 is read by inode number):
+/// both readers are checked.
 fn make_disk(scratch: &Path, tree: &Path, disk: &Path, version: u32) {
     make_tree(tree, version);
     let fs = scratch.join(format!("fs-v{version}.img"));
@@ -138,6 +174,9 @@ fn make_disk(scratch: &Path, tree: &Path, disk: &Path, version: u32) {
             &format!("{blocks}k"),
         ],
     );
+    if version == 2 {
+        journal_hello(scratch, tree, &fs);
+    }
     let fs_bytes = std::fs::read(&fs).unwrap();
     let mut d = vec![0u8; DISK_SIZE as usize];
     write_gpt(&mut d, &[P1, P2]);
