@@ -2,7 +2,9 @@
 //! `mkfs.ext4 -d` inside a GPT disk is replicated, changed and replicated again; through the
 //! mount every point shows exactly the files (contents, sizes, modes, owners, symlinks) and the
 //! raw disk it had; writes get EROFS, bad paths ENOENT; new points appear without remounting;
-//! Ctrl-C and `fusermount3 -u` unmount cleanly even while a reader is busy.
+//! Ctrl-C and `fusermount3 -u` unmount cleanly even while a reader is busy; an unprivileged user
+//! mounts (through the setuid fusermount3), reads and unmounts where /dev/fuse is open to it, and
+//! is refused clearly where it is not.
 
 mod common;
 
@@ -197,11 +199,14 @@ struct Mount {
 impl Mount {
     fn start(app: &Appliance, dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let child = Command::new(lifeboat_bin())
-            .arg("mount")
-            .arg(dir)
-            .arg("--config")
-            .arg(&app.config)
+        let mut cmd = Command::new(lifeboat_bin());
+        cmd.arg("mount").arg(dir).arg("--config").arg(&app.config);
+        Self::spawn(cmd, dir)
+    }
+
+    /// Runs `cmd` (a `lifeboat mount` of `dir`) and waits for the mount to appear.
+    fn spawn(mut cmd: Command, dir: &Path) -> Self {
+        let child = cmd
             .env("RUST_LOG", "warn,lifeboat_fs=info")
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
@@ -224,11 +229,17 @@ impl Mount {
     }
 
     fn mounted(&self) -> bool {
+        self.mount_line().is_some()
+    }
+
+    /// The line of /proc/self/mounts for this mount.
+    fn mount_line(&self) -> Option<String> {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
         let canon = self.dir.canonicalize().unwrap_or(self.dir.clone());
         mounts
             .lines()
-            .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()) && l.contains("fuse"))
+            .find(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()) && l.contains("fuse"))
+            .map(str::to_string)
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -536,6 +547,139 @@ async fn points_browse_as_files_through_a_real_mount() {
         "lifeboat mount exited with {status} after fusermount3 -u"
     );
     assert!(!mount.mounted());
+}
+
+/// The uid and gid the unprivileged test runs `lifeboat mount` as (nobody/nogroup).
+const NOBODY: u32 = 65534;
+
+/// `cmd args...` as uid/gid [`NOBODY`] without supplementary groups.
+fn as_nobody(cmd: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg("--clear-groups")
+        .arg(cmd);
+    c
+}
+
+#[test]
+fn mounts_as_an_unprivileged_user() {
+    // Switching to an unprivileged uid needs root; the mount itself then goes through the
+    // setuid-root fusermount3 of Debian's fuse3 package (.ci/setup installs it).
+    let uid = String::from_utf8_lossy(&tool("id", &["-u"]).stdout).trim().to_string();
+    assert_eq!(
+        uid, "0",
+        "this test switches to uid {NOBODY} with setpriv: run it as root"
+    );
+    let fusermount = String::from_utf8_lossy(&tool("sh", &["-c", "command -v fusermount3"]).stdout)
+        .trim()
+        .to_string();
+    let mode = std::fs::metadata(&fusermount).unwrap().mode();
+    assert!(
+        mode & 0o4000 != 0,
+        "{fusermount} is not setuid root: unprivileged FUSE mounts cannot work"
+    );
+    tool("setpriv", &["--version"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let app = Appliance::start(
+        &root.join("appliance"),
+        &BlobTarget::Local(root.join("blob")),
+        "[policy]\ncrash_consistent_interval = \"2s\"\n",
+    );
+    let disk = root.join("disk0.raw");
+    let tree = root.join("tree");
+    make_disk(root, &tree, &disk, 1);
+    let acked = app.sync("m1", &[&disk]).disks[0].last_seq;
+    let point = wait_point(&app, "synced", |p| p.seqs["disk0"] >= acked);
+
+    // Everything the unprivileged mount reads, readable by it alone: admin token, CA certificate;
+    // and a mount point it owns.
+    let user_dir = tempfile::Builder::new()
+        .prefix("lifeboat-unpriv")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let home = user_dir.path();
+    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (token, ca, mnt) = (home.join("admin-token"), home.join("ca.pem"), home.join("mnt"));
+    std::fs::copy(app.dir.join("data/admin-token"), &token).unwrap();
+    std::fs::copy(&app.cert, &ca).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    for f in [&token, &ca] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    let owner = format!("{NOBODY}:{NOBODY}");
+    for f in [&token, &ca, &mnt] {
+        tool("chown", &[&owner, f.to_str().unwrap()]);
+    }
+
+    let mut cmd = as_nobody(lifeboat_bin());
+    cmd.arg("mount")
+        .arg(&mnt)
+        .args(["--server", &format!("https://{}", app.management), "--nbd", &app.nbd])
+        .arg("--ca")
+        .arg(&ca)
+        .arg("--token-file")
+        .arg(&token);
+
+    // FUSE allows unprivileged mounts only where /dev/fuse is open to the user (0666, as the fuse3
+    // package's udev rule makes it): fusermount3 opens it as the calling user. Where it is closed
+    // (0600 device nodes of some containers), the mount must fail fast and say why.
+    let fuse_open = as_nobody("sh")
+        .args(["-c", "exec 3<>/dev/fuse"])
+        .status()
+        .unwrap()
+        .success();
+    if !fuse_open {
+        eprintln!("/dev/fuse is closed to uid {NOBODY} here: checking the refusal (make it 0666 to test reads)");
+        let out = cmd.env("RUST_LOG", "warn").stdin(Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mounted without access to /dev/fuse?");
+        assert!(err.contains("FUSE is not available to this user"), "{err}");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(
+            !mounts.contains(mnt.to_str().unwrap()),
+            "a mount was left behind: {mounts}"
+        );
+        return;
+    }
+    let mut mount = Mount::spawn(cmd, &mnt);
+    let line = mount.mount_line().unwrap();
+    assert!(
+        line.contains(&format!("user_id={NOBODY}")),
+        "not mounted by uid {NOBODY}: {line}"
+    );
+
+    // The unprivileged user reads files through its mount.
+    let name = point_dir(&app, &point);
+    let p1 = mnt.join("m1").join(&name).join("disk0/p1");
+    for file in ["hello.txt", "medium.bin", "sub/dir/nested.txt"] {
+        let out = as_nobody("cat").arg(p1.join(file)).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cat {file} as uid {NOBODY}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == std::fs::read(tree.join(file)).unwrap(), "{file} differs");
+    }
+    let out = as_nobody("cat").arg(mnt.join("m1/latest/disk0.img")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "reading disk0.img: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_image(&out.stdout, &std::fs::read(&disk).unwrap(), "disk0.img as nobody");
+
+    // It unmounts it too; the process ends cleanly.
+    let out = as_nobody("fusermount3").arg("-u").arg(&mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fusermount3 -u: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = mount.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "unprivileged lifeboat mount exited with {status}");
 }
 
 /// Total blocks statfs reports for `path` (through `stat -f`, no unsafe code).

@@ -1438,6 +1438,17 @@ pub fn mount(fs: LifeboatFs, mountpoint: &Path) -> io::Result<Mounted> {
         fuser::MountOption::NoSuid,
     ];
     config.n_threads = Some(threads);
+    // fusermount3 opens /dev/fuse as the calling user: where the device is closed to this user
+    // (0600 instead of the usual 0666), FUSE is not allowed and no mount can work.
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "FUSE is not available to this user: cannot open /dev/fuse ({e}); it must be readable and \
+                 writable (mode 0666, the fuse3 default) or the mount run as root"
+            ),
+        ));
+    }
     config.clone_fd = true;
     let mut session = fuser::Session::new(fs, mountpoint, &config)?;
     let unmounter = session.unmount_callable();
