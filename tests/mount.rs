@@ -2,7 +2,9 @@
 //! `mkfs.ext4 -d` inside a GPT disk is replicated, changed and replicated again; through the
 //! mount every point shows exactly the files (contents, sizes, modes, owners, symlinks) and the
 //! raw disk it had; writes get EROFS, bad paths ENOENT; new points appear without remounting;
-//! Ctrl-C and `fusermount3 -u` unmount cleanly even while a reader is busy.
+//! Ctrl-C and `fusermount3 -u` unmount cleanly even while a reader is busy; an unprivileged user
+//! mounts (through the setuid fusermount3), reads and unmounts where /dev/fuse is open to it, and
+//! is refused clearly where it is not.
 
 mod common;
 
@@ -117,7 +119,43 @@ fn write_gpt(disk: &mut [u8], parts: &[(u64, u64)]) {
     disk[b..b + 92].copy_from_slice(&header(sectors - 1, 1, sectors - 33));
 }
 
-/// Builds the disk of `version`: GPT, ext4 of the tree in p1, raw bytes in p2.
+/// Commits a new block of hello.txt to the journal of `fs` without applying it (the filesystem
+/// then needs recovery, as a crash-consistent copy of a mounted one does) and changes the tree to
+/// match: the mount must replay the journal (through `ext4-view`) to show the new text.
+fn journal_hello(scratch: &Path, tree: &Path, fs: &Path) {
+    let fs = fs.to_str().unwrap();
+    let out = tool("debugfs", &["-R", "bmap /hello.txt 0", fs]);
+    let block: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("bmap output");
+    let hello = tree.join("hello.txt");
+    let old = std::fs::read(&hello).unwrap();
+    let new = String::from_utf8(old).unwrap().to_uppercase().into_bytes();
+    let mut data = new.clone();
+    data.resize(4096, 0);
+    let (blk, cmds) = (scratch.join("journal-block"), scratch.join("journal-cmds"));
+    std::fs::write(&blk, &data).unwrap();
+    std::fs::write(&cmds, format!("jo -c -v 3\njw -b {block} {}\njc\n", blk.display())).unwrap();
+    tool("debugfs", &["-w", "-f", cmds.to_str().unwrap(), fs]);
+    let out = tool("dumpe2fs", &["-h", fs]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("needs_recovery"),
+        "journal not written"
+    );
+    let mtime = std::fs::metadata(&hello).unwrap().modified().unwrap();
+    std::fs::write(&hello, &new).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&hello)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
+
+/// Builds the disk of `version`: GPT, ext4 of the tree in p1, raw bytes in p2. Version 2 needs
+/// journal recovery, which the mount leaves to `ext4-view` (version 1 is read by inode number):
+/// both readers are checked.
 fn make_disk(scratch: &Path, tree: &Path, disk: &Path, version: u32) {
     make_tree(tree, version);
     let fs = scratch.join(format!("fs-v{version}.img"));
@@ -138,6 +176,9 @@ fn make_disk(scratch: &Path, tree: &Path, disk: &Path, version: u32) {
             &format!("{blocks}k"),
         ],
     );
+    if version == 2 {
+        journal_hello(scratch, tree, &fs);
+    }
     let fs_bytes = std::fs::read(&fs).unwrap();
     let mut d = vec![0u8; DISK_SIZE as usize];
     write_gpt(&mut d, &[P1, P2]);
@@ -158,11 +199,14 @@ struct Mount {
 impl Mount {
     fn start(app: &Appliance, dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let child = Command::new(lifeboat_bin())
-            .arg("mount")
-            .arg(dir)
-            .arg("--config")
-            .arg(&app.config)
+        let mut cmd = Command::new(lifeboat_bin());
+        cmd.arg("mount").arg(dir).arg("--config").arg(&app.config);
+        Self::spawn(cmd, dir)
+    }
+
+    /// Runs `cmd` (a `lifeboat mount` of `dir`) and waits for the mount to appear.
+    fn spawn(mut cmd: Command, dir: &Path) -> Self {
+        let child = cmd
             .env("RUST_LOG", "warn,lifeboat_fs=info")
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
@@ -185,11 +229,17 @@ impl Mount {
     }
 
     fn mounted(&self) -> bool {
+        self.mount_line().is_some()
+    }
+
+    /// The line of /proc/self/mounts for this mount.
+    fn mount_line(&self) -> Option<String> {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
         let canon = self.dir.canonicalize().unwrap_or(self.dir.clone());
         mounts
             .lines()
-            .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()) && l.contains("fuse"))
+            .find(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()) && l.contains("fuse"))
+            .map(str::to_string)
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -497,6 +547,139 @@ async fn points_browse_as_files_through_a_real_mount() {
         "lifeboat mount exited with {status} after fusermount3 -u"
     );
     assert!(!mount.mounted());
+}
+
+/// The uid and gid the unprivileged test runs `lifeboat mount` as (nobody/nogroup).
+const NOBODY: u32 = 65534;
+
+/// `cmd args...` as uid/gid [`NOBODY`] without supplementary groups.
+fn as_nobody(cmd: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg("--clear-groups")
+        .arg(cmd);
+    c
+}
+
+#[test]
+fn mounts_as_an_unprivileged_user() {
+    // Switching to an unprivileged uid needs root; the mount itself then goes through the
+    // setuid-root fusermount3 of Debian's fuse3 package (.ci/setup installs it).
+    let uid = String::from_utf8_lossy(&tool("id", &["-u"]).stdout).trim().to_string();
+    assert_eq!(
+        uid, "0",
+        "this test switches to uid {NOBODY} with setpriv: run it as root"
+    );
+    let fusermount = String::from_utf8_lossy(&tool("sh", &["-c", "command -v fusermount3"]).stdout)
+        .trim()
+        .to_string();
+    let mode = std::fs::metadata(&fusermount).unwrap().mode();
+    assert!(
+        mode & 0o4000 != 0,
+        "{fusermount} is not setuid root: unprivileged FUSE mounts cannot work"
+    );
+    tool("setpriv", &["--version"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let app = Appliance::start(
+        &root.join("appliance"),
+        &BlobTarget::Local(root.join("blob")),
+        "[policy]\ncrash_consistent_interval = \"2s\"\n",
+    );
+    let disk = root.join("disk0.raw");
+    let tree = root.join("tree");
+    make_disk(root, &tree, &disk, 1);
+    let acked = app.sync("m1", &[&disk]).disks[0].last_seq;
+    let point = wait_point(&app, "synced", |p| p.seqs["disk0"] >= acked);
+
+    // Everything the unprivileged mount reads, readable by it alone: admin token, CA certificate;
+    // and a mount point it owns.
+    let user_dir = tempfile::Builder::new()
+        .prefix("lifeboat-unpriv")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let home = user_dir.path();
+    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (token, ca, mnt) = (home.join("admin-token"), home.join("ca.pem"), home.join("mnt"));
+    std::fs::copy(app.dir.join("data/admin-token"), &token).unwrap();
+    std::fs::copy(&app.cert, &ca).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    for f in [&token, &ca] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    let owner = format!("{NOBODY}:{NOBODY}");
+    for f in [&token, &ca, &mnt] {
+        tool("chown", &[&owner, f.to_str().unwrap()]);
+    }
+
+    let mut cmd = as_nobody(lifeboat_bin());
+    cmd.arg("mount")
+        .arg(&mnt)
+        .args(["--server", &format!("https://{}", app.management), "--nbd", &app.nbd])
+        .arg("--ca")
+        .arg(&ca)
+        .arg("--token-file")
+        .arg(&token);
+
+    // FUSE allows unprivileged mounts only where /dev/fuse is open to the user (0666, as the fuse3
+    // package's udev rule makes it): fusermount3 opens it as the calling user. Where it is closed
+    // (0600 device nodes of some containers), the mount must fail fast and say why.
+    let fuse_open = as_nobody("sh")
+        .args(["-c", "exec 3<>/dev/fuse"])
+        .status()
+        .unwrap()
+        .success();
+    if !fuse_open {
+        eprintln!("/dev/fuse is closed to uid {NOBODY} here: checking the refusal (make it 0666 to test reads)");
+        let out = cmd.env("RUST_LOG", "warn").stdin(Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mounted without access to /dev/fuse?");
+        assert!(err.contains("FUSE is not available to this user"), "{err}");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(
+            !mounts.contains(mnt.to_str().unwrap()),
+            "a mount was left behind: {mounts}"
+        );
+        return;
+    }
+    let mut mount = Mount::spawn(cmd, &mnt);
+    let line = mount.mount_line().unwrap();
+    assert!(
+        line.contains(&format!("user_id={NOBODY}")),
+        "not mounted by uid {NOBODY}: {line}"
+    );
+
+    // The unprivileged user reads files through its mount.
+    let name = point_dir(&app, &point);
+    let p1 = mnt.join("m1").join(&name).join("disk0/p1");
+    for file in ["hello.txt", "medium.bin", "sub/dir/nested.txt"] {
+        let out = as_nobody("cat").arg(p1.join(file)).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cat {file} as uid {NOBODY}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == std::fs::read(tree.join(file)).unwrap(), "{file} differs");
+    }
+    let out = as_nobody("cat").arg(mnt.join("m1/latest/disk0.img")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "reading disk0.img: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_image(&out.stdout, &std::fs::read(&disk).unwrap(), "disk0.img as nobody");
+
+    // It unmounts it too; the process ends cleanly.
+    let out = as_nobody("fusermount3").arg("-u").arg(&mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fusermount3 -u: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = mount.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "unprivileged lifeboat mount exited with {status}");
 }
 
 /// Total blocks statfs reports for `path` (through `stat -f`, no unsafe code).

@@ -12,8 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use ext4_view::{Ext4, Ext4Error, Ext4Read, Metadata};
 use tokio::runtime::Handle;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use super::inodes::InodeFs;
 use crate::view::DiskView;
 
 /// Bytes per cached chunk for filesystem reads (small files stay cheap)...
@@ -181,9 +182,11 @@ pub type Job = Box<dyn FnOnce(Option<&mut Worker>) + Send>;
 
 static NEXT_PART: AtomicU64 = AtomicU64::new(1);
 
-/// An ext2/3/4 partition served by a few worker threads.
+/// An ext2/3/4 partition: read by inode number in place when [`InodeFs`] can, else served by a
+/// few `ext4-view` worker threads.
 pub struct Ext4Part {
     pub id: u64,
+    pub fast: Option<Arc<InodeFs>>,
     workers: Vec<mpsc::Sender<Job>>,
     next: AtomicUsize,
 }
@@ -192,6 +195,21 @@ impl Ext4Part {
     /// Starts `workers` threads over the partition `[start, start + len)` of the cached disk;
     /// fails (without leaving threads behind) when the first cannot load the filesystem.
     pub fn open(cache: Arc<ChunkCache>, start: u64, len: u64, workers: usize, name: &str) -> io::Result<Arc<Self>> {
+        match InodeFs::open(cache.clone(), start, len, cache.rt.clone()) {
+            Ok(Some(fast)) => {
+                return Ok(Arc::new(Self {
+                    id: NEXT_PART.fetch_add(1, Ordering::Relaxed),
+                    fast: Some(fast),
+                    workers: Vec::new(),
+                    next: AtomicUsize::new(0),
+                }))
+            }
+            Ok(None) => info!(
+                partition = name,
+                "journal to replay or features the inode reader lacks: ext4-view reads it"
+            ),
+            Err(e) => debug!(partition = name, error = %e, "inode reader refused the partition"),
+        }
         let mut senders = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         for i in 0..workers.max(1) {
@@ -217,6 +235,7 @@ impl Ext4Part {
         }
         Ok(Arc::new(Self {
             id: NEXT_PART.fetch_add(1, Ordering::Relaxed),
+            fast: None,
             workers: senders,
             next: AtomicUsize::new(0),
         }))
@@ -230,6 +249,9 @@ impl Ext4Part {
 
     /// Runs `job` on the worker that owns file handle `fh`.
     pub fn run_on(&self, fh: u64, job: Job) {
+        if self.workers.is_empty() {
+            return job(None);
+        }
         let w = &self.workers[(fh % self.workers.len() as u64) as usize];
         if let Err(mpsc::SendError(job)) = w.send(job) {
             job(None);

@@ -10,11 +10,13 @@
 //! The tree (machines, points, disks) comes from a [`PointSource`] and is refreshed when older
 //! than [`MountConfig::listing_ttl`], so new points appear and expired ones vanish without
 //! remounting; a file already open keeps its view and reads on. Reads of raw images run as tasks
-//! on a tokio runtime and reply when done; ext4 work runs on per-partition worker threads
-//! ([`ext4`]); the FUSE session itself has several threads, so one slow read never stalls the
-//! filesystem.
+//! on a tokio runtime and reply when done; ext4 partitions are read by inode number ([`inodes`]:
+//! directories read once, files opened from their inode), or on per-partition `ext4-view` worker
+//! threads ([`ext4`]) when a journal needs replaying; the FUSE session itself has several threads,
+//! so one slow read never stalls the filesystem.
 
 pub mod ext4;
+pub mod inodes;
 pub mod names;
 pub mod partitions;
 
@@ -41,6 +43,7 @@ use tracing::{debug, info, warn};
 use crate::pit::PointInfo;
 use crate::view::DiskView;
 use ext4::{ChunkCache, Ext4Part, Meta};
+use inodes::InodeFs;
 use partitions::Partition;
 
 /// A disk of a machine, as the management API lists it.
@@ -150,6 +153,8 @@ enum Kind {
     Ext4 {
         part: Arc<Ext4Part>,
         path: Vec<u8>,
+        /// The ext4 inode number (0: unknown, the partition is read through `ext4-view`).
+        ino: u32,
         meta: OnceLock<Meta>,
         time: SystemTime,
     },
@@ -209,6 +214,12 @@ enum Open {
     },
     Ext4 {
         part: Arc<Ext4Part>,
+        size: u64,
+    },
+    /// A file read by inode: its block runs.
+    Inode {
+        fs: Arc<InodeFs>,
+        runs: Arc<Vec<inodes::Run>>,
         size: u64,
     },
     Dir {
@@ -540,6 +551,7 @@ impl Inner {
                             let n = self.intern(key, node.ino, || Kind::Ext4 {
                                 part: part.clone(),
                                 path: b"/".to_vec(),
+                                ino: if part.fast.is_some() { 2 } else { 0 },
                                 meta: OnceLock::new(),
                                 time: disk.time,
                             });
@@ -669,6 +681,28 @@ impl Inner {
                 }
             }
         }
+        if let (Some(fs), Kind::Ext4 { ino: dir_ino, .. }) = (&part.fast, &dir.kind) {
+            let found = fs.dir_of(*dir_ino).and_then(|d| match d.get(name.as_bytes()) {
+                Some(e) => fs.inode(e.ino),
+                None => Err(io::ErrorKind::NotFound.into()),
+            });
+            return match found {
+                Ok(inode) => {
+                    let n = self.intern(key, dir.ino, || Kind::Ext4 {
+                        part: part.clone(),
+                        path: child,
+                        ino: inode.ino,
+                        meta: OnceLock::new(),
+                        time: *time,
+                    });
+                    if let Kind::Ext4 { meta, .. } = &n.kind {
+                        let _ = meta.set(inode.meta);
+                    }
+                    self.reply_entry(&n, reply)
+                }
+                Err(e) => reply.error(io_errno(&e)),
+            };
+        }
         let (me, dir2) = (self.clone(), dir.clone());
         let (part2, time) = (part.clone(), *time);
         part.run_any(Box::new(move |w| {
@@ -679,6 +713,7 @@ impl Inner {
                     let n = me.intern(key, dir.ino, || Kind::Ext4 {
                         part: part2,
                         path: child,
+                        ino: 0,
                         meta: OnceLock::new(),
                         time,
                     });
@@ -695,9 +730,35 @@ impl Inner {
     /// Lists an ext4 directory on a worker (metadata of every entry included, so the lookups
     /// that follow a readdir need no worker).
     fn ext4_list(self: &Arc<Self>, dir: Arc<Node>, done: Box<dyn FnOnce(Result<Vec<Entry>, Errno>) + Send>) {
-        let Kind::Ext4 { part, path, time, .. } = &dir.kind else {
+        let Kind::Ext4 {
+            part, path, time, ino, ..
+        } = &dir.kind
+        else {
             return done(Err(Errno::ENOTDIR));
         };
+        if let Some(fs) = &part.fast {
+            let list = fs.dir_of(*ino).and_then(|d| {
+                let mut out = Vec::with_capacity(d.entries.len());
+                for e in &d.entries {
+                    let child = join(path, &e.name);
+                    let n = self.intern(Key::Ext4(part.id, child.clone()), dir.ino, || Kind::Ext4 {
+                        part: part.clone(),
+                        path: child,
+                        ino: e.ino,
+                        meta: OnceLock::new(),
+                        time: *time,
+                    });
+                    if let Kind::Ext4 { meta, .. } = &n.kind {
+                        if meta.get().is_none() {
+                            let _ = meta.set(fs.inode(e.ino)?.meta);
+                        }
+                    }
+                    out.push((OsString::from_vec(e.name.clone()), n.ino, e.kind));
+                }
+                Ok(out)
+            });
+            return done(list.map_err(|e| io_errno(&e)));
+        }
         let (me, dir2) = (self.clone(), dir.clone());
         let (part2, path, time) = (part.clone(), path.clone(), *time);
         part.run_any(Box::new(move |w| {
@@ -717,6 +778,7 @@ impl Inner {
                     let n = me.intern(Key::Ext4(part2.id, child.clone()), dir.ino, || Kind::Ext4 {
                         part: part2.clone(),
                         path: child,
+                        ino: 0,
                         meta: OnceLock::new(),
                         time,
                     });
@@ -729,6 +791,17 @@ impl Inner {
             })();
             done(list.map_err(|e| ext4::errno(&e)));
         }));
+    }
+}
+
+/// The errno an I/O error of the inode reader stands for.
+fn io_errno(e: &io::Error) -> Errno {
+    match e.kind() {
+        io::ErrorKind::NotFound => Errno::ENOENT,
+        io::ErrorKind::NotADirectory => Errno::ENOTDIR,
+        io::ErrorKind::PermissionDenied => Errno::EACCES,
+        io::ErrorKind::InvalidInput => Errno::EINVAL,
+        _ => eio(e),
     }
 }
 
@@ -820,7 +893,18 @@ impl fuser::Filesystem for LifeboatFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        if let Kind::Ext4 { part, path, meta, .. } = &node.kind {
+        if let Kind::Ext4 {
+            part, path, meta, ino, ..
+        } = &node.kind
+        {
+            if let (None, Some(fs)) = (meta.get(), &part.fast) {
+                match fs.inode(*ino) {
+                    Ok(i) => {
+                        let _ = meta.set(i.meta);
+                    }
+                    Err(e) => return reply.error(io_errno(&e)),
+                }
+            }
             if meta.get().is_none() {
                 let (me, node2, path) = (inner.clone(), node.clone(), path.clone());
                 return part.run_any(Box::new(move |w| {
@@ -856,6 +940,13 @@ impl fuser::Filesystem for LifeboatFs {
                 Ok(t) => reply.data(t.as_bytes()),
                 Err(e) => reply.error(e),
             },
+            Kind::Ext4 { part, ino, .. } if part.fast.is_some() => {
+                let fs = part.fast.as_ref().expect("checked");
+                match fs.inode(*ino).and_then(|i| fs.readlink(&i)) {
+                    Ok(t) => reply.data(&t),
+                    Err(e) => reply.error(io_errno(&e)),
+                }
+            }
             Kind::Ext4 { part, path, .. } => {
                 let path = path.clone();
                 part.run_any(Box::new(move |w| {
@@ -898,6 +989,27 @@ impl fuser::Filesystem for LifeboatFs {
             };
         }
         match &node.kind {
+            Kind::Ext4 { part, ino, .. } if part.fast.is_some() => {
+                let fs = part.fast.as_ref().expect("checked");
+                let opened = fs.inode(*ino).and_then(|i| match i.meta.kind {
+                    FileType::Directory => Err(io::ErrorKind::IsADirectory.into()),
+                    FileType::RegularFile => Ok((fs.map(&i)?, i.meta.size)),
+                    _ => Err(io::ErrorKind::PermissionDenied.into()),
+                });
+                match opened {
+                    Ok((runs, size)) => {
+                        let fh = inner.new_fh(Open::Inode {
+                            fs: fs.clone(),
+                            runs: Arc::new(runs),
+                            size,
+                        });
+                        // Points never change: pages cached by the kernel stay valid.
+                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::IsADirectory => reply.error(Errno::EISDIR),
+                    Err(e) => reply.error(io_errno(&e)),
+                }
+            }
             Kind::Ext4 { part, path, meta, .. } => {
                 if meta.get().is_some_and(|m| m.kind == FileType::Directory) {
                     return reply.error(Errno::EISDIR);
@@ -957,6 +1069,20 @@ impl fuser::Filesystem for LifeboatFs {
                 self.inner.rt.spawn(async move {
                     let mut buf = vec![0u8; n];
                     match cache.read(at, &mut buf).await {
+                        Ok(()) => reply.data(&buf),
+                        Err(e) => reply.error(eio(e)),
+                    }
+                });
+            }
+            Open::Inode { fs, runs, size: fsize } => {
+                if offset >= *fsize {
+                    return reply.data(&[]);
+                }
+                let n = u64::from(size).min(fsize - offset) as usize;
+                let (fs, runs) = (fs.clone(), runs.clone());
+                self.inner.rt.spawn(async move {
+                    let mut buf = vec![0u8; n];
+                    match fs.read_file(&runs, offset, &mut buf).await {
                         Ok(()) => reply.data(&buf),
                         Err(e) => reply.error(eio(e)),
                     }
@@ -1112,6 +1238,12 @@ impl fuser::Filesystem for LifeboatFs {
                         Err(e) => reply.error(e),
                     }
                 });
+            }
+            Open::Inode { fs, runs, size } => {
+                match inodes::seek(runs, fs.block_size(), *size, offset, whence == SEEK_DATA) {
+                    Some(o) => reply.offset(o as i64),
+                    None => reply.error(Errno::ENXIO),
+                }
             }
             Open::Ext4 { size, .. } => {
                 // ext4-view exposes no extent map: the whole file counts as data.
@@ -1307,6 +1439,17 @@ pub fn mount(fs: LifeboatFs, mountpoint: &Path) -> io::Result<Mounted> {
         fuser::MountOption::NoSuid,
     ];
     config.n_threads = Some(threads);
+    // fusermount3 opens /dev/fuse as the calling user: where the device is closed to this user
+    // (0600 instead of the usual 0666), FUSE is not allowed and no mount can work.
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "FUSE is not available to this user: cannot open /dev/fuse ({e}); it must be readable and \
+                 writable (mode 0666, the fuse3 default) or the mount run as root"
+            ),
+        ));
+    }
     config.clone_fd = true;
     let mut session = fuser::Session::new(fs, mountpoint, &config)?;
     let unmounter = session.unmount_callable();
