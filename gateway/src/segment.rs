@@ -185,6 +185,21 @@ pub fn record_positions(records: &[LogRecord]) -> Vec<(u32, u32)> {
     out
 }
 
+/// Per-thread buffers of the chunk builders: the raw chunk and a zstd context, reused from chunk
+/// to chunk instead of allocating (and faulting in) fresh ones each time. A reused context gives
+/// the same bytes as a fresh one at the same level, so segments stay deterministic.
+struct ChunkScratch {
+    raw: Vec<u8>,
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+thread_local! {
+    static CHUNK_SCRATCH: std::cell::RefCell<ChunkScratch> = std::cell::RefCell::new(ChunkScratch {
+        raw: Vec::with_capacity(CHUNK_RAW_BYTES + (64 << 10)),
+        zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd context"),
+    });
+}
+
 /// Builds a segment from records of one disk, in sequence order. Compression and sealing of the
 /// chunks run in parallel on the rayon pool.
 pub fn build_segment(
@@ -215,13 +230,22 @@ pub fn build_segment(
         .enumerate()
         .map(|(i, range)| {
             let recs = &records[range.clone()];
-            let mut raw = Vec::with_capacity(recs.iter().map(LogRecord::encoded_len).sum());
-            for r in recs {
-                r.encode_into(&mut raw);
-            }
-            let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL).expect("zstd compress to memory");
-            let sealed = crypto::seal(key, crypto::chunk_nonce(counter, i as u32), &header_bytes, &compressed);
-            (sealed, raw.len() as u32, recs)
+            let raw_len: usize = recs.iter().map(LogRecord::encoded_len).sum();
+            let sealed = CHUNK_SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let ChunkScratch { raw, zstd } = &mut *scratch;
+                raw.clear();
+                for r in recs {
+                    r.encode_into(raw);
+                }
+                // Room for the compressed bytes and the tag, so sealing needs no second buffer.
+                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()) + crypto::TAG_LEN);
+                zstd.compress_to_buffer(raw.as_slice(), &mut out)
+                    .expect("zstd compress to memory");
+                crypto::seal_in_place(key, crypto::chunk_nonce(counter, i as u32), &header_bytes, &mut out);
+                out
+            });
+            (sealed, raw_len as u32, recs)
         })
         .collect();
     let total: usize = header_bytes.len() + sealed.iter().map(|s| s.0.len()).sum::<usize>();
