@@ -144,6 +144,12 @@ pub struct PreparedRecord {
 /// deletion when zeroed), partly covered blocks become unknown. The disk's last block may be
 /// short; a record reaching the disk's end covers it whole.
 pub fn prepare(record: IngestRecord, disk_size: u64) -> PreparedRecord {
+    prepare_with_sums(record, disk_size, None)
+}
+
+/// Like [`prepare`], taking whole blocks' checksums from `sums` (16 bytes per block the record
+/// touches, as the agent computed them for its diff) instead of hashing the data again.
+pub fn prepare_with_sums(record: IngestRecord, disk_size: u64, sums: Option<&[u8]>) -> PreparedRecord {
     let mut checksums = Vec::new();
     if matches!(record.kind, RecordKind::Write | RecordKind::Zero) {
         let start = record.offset;
@@ -158,6 +164,10 @@ pub fn prepare(record: IngestRecord, disk_size: u64) -> PreparedRecord {
                 Some(UNKNOWN_CHECKSUM)
             } else if record.kind == RecordKind::Zero {
                 None
+            } else if let Some(sum) =
+                sums.and_then(|s| s.get(((block - first) * 16) as usize..((block - first + 1) * 16) as usize))
+            {
+                Some(sum.try_into().expect("16 bytes"))
             } else {
                 let data = &record.payload[(bstart - start) as usize..(bend - start) as usize];
                 if data.iter().all(|b| *b == 0) {
