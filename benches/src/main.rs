@@ -298,7 +298,8 @@ fn main() -> anyhow::Result<()> {
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let (mut e2e, mut ack, mut restic, mut limit1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut agent_cpu, mut server_cpu, mut restic_cpu, mut limit_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut agent_cpu, mut server_cpu, mut restic_cpu, mut limit_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let gib = size as f64 / (1u64 << 30) as f64;
     let mut ratio = 0.0;
     for run in 0..args.runs {
@@ -341,8 +342,12 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let (e2e, ack, restic, limit1) = (median(e2e), median(ack), median(restic), median(limit1));
-    let (agent_cpu, server_cpu, restic_cpu, limit_cpu) =
-        (median(agent_cpu), median(server_cpu), median(restic_cpu), median(limit_cpu));
+    let (agent_cpu, server_cpu, restic_cpu, limit_cpu) = (
+        median(agent_cpu),
+        median(server_cpu),
+        median(restic_cpu),
+        median(limit_cpu),
+    );
     let limit = limit1 * cores as f64;
     println!(
         "corpus: {} MiB mixed, zstd -1 ratio {:.2}; {} cores; medians of {} runs",
