@@ -608,7 +608,12 @@ impl Journal {
                             }
                         }
                     };
-                    paylog::read(file, p).map_err(corrupt)?
+                    match paylog::read(file, p) {
+                        Ok(r) => r,
+                        // Uploaded meanwhile and its file recycled under another number.
+                        Err(_) if self.uploaded(disk_id, seq) => break,
+                        Err(e) => return Err(corrupt(e)),
+                    }
                 }
             };
             if r.seq != seq {

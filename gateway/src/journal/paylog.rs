@@ -11,13 +11,18 @@
 //! ```
 //! A group's payloads are synced before the RocksDB batch holding their pointers, so a pointer
 //! that survives a crash always points at synced bytes; bytes past the last pointer (a crash
-//! between the two syncs) are never referenced and go with their file. A file is deleted once
+//! between the two syncs) are never referenced and go with their file. A file is reclaimed once
 //! every record in it is at or below its disk's `uploaded_through`; at open, files that no
 //! pointer references are deleted and appends go to a fresh file.
+//!
+//! Reclaimed files are recycled (a few at a time): renamed to the next number and overwritten in
+//! place, like RocksDB's recycled WAL files. Overwriting pages the page cache still holds costs a
+//! fraction of filling freshly allocated ones (here about 0.2 s per GiB of system time instead of
+//! 0.4 to 4 s), and an in-place `fdatasync` has no file size to update. Stale bytes past the new
+//! end are never pointed at.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -31,7 +36,9 @@ const MAGIC: &[u8; 8] = b"LBPAYLOG";
 const VERSION: u16 = 1;
 const HEADER_LEN: usize = 8 + 2 + 8 + 4;
 /// A file is closed for appends past this size.
-const FILE_BYTES: u64 = 256 << 20;
+const FILE_BYTES: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+/// Reclaimed files kept for recycling.
+const RECYCLE_MAX: usize = 4;
 /// The first byte of a pointer value; inline record values start with a record kind (1..=4).
 pub const POINTER_TAG: u8 = 0xFF;
 pub const POINTER_LEN: usize = 1 + 8 + 8 + 4;
@@ -146,6 +153,9 @@ pub struct PayloadLog {
     buf: Vec<u8>,
     /// An append failed: the next group starts a new file (the failed one's length is unknown).
     broken: bool,
+    /// Reclaimed files (by their old number) waiting to be recycled; unreferenced, so a restart
+    /// deletes them.
+    free: Vec<u64>,
 }
 
 impl PayloadLog {
@@ -186,6 +196,7 @@ impl PayloadLog {
             files,
             buf: Vec::new(),
             broken: false,
+            free: Vec::new(),
         })
     }
 
@@ -201,12 +212,22 @@ impl PayloadLog {
         }
         let no = self.no + 1;
         let path = self.dir.join(file_name(no));
-        let mut f = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err("create", &path, e))?;
-        f.write_all(&header(no)).map_err(|e| io_err("write", &path, e))?;
+        let f = match self.free.pop() {
+            Some(old) => {
+                let old_path = self.dir.join(file_name(old));
+                std::fs::rename(&old_path, &path).map_err(|e| io_err("recycling of", &old_path, e))?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| io_err("open", &path, e))?
+            }
+            None => OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err("create", &path, e))?,
+        };
+        f.write_all_at(&header(no), 0).map_err(|e| io_err("write", &path, e))?;
         f.sync_all().map_err(|e| io_err("sync", &path, e))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -246,8 +267,8 @@ impl PayloadLog {
             return Ok(());
         }
         let path = self.dir.join(file_name(self.no));
-        let f = self.file.as_mut().expect("a group appends to an open file");
-        let r = f.write_all(&self.buf).and_then(|_| f.sync_data());
+        let f = self.file.as_ref().expect("a group appends to an open file");
+        let r = f.write_all_at(&self.buf, self.len).and_then(|_| f.sync_data());
         let n = self.buf.len() as u64;
         // Keep the buffer's memory for the next group: no fresh pages to fault in and zero.
         self.buf.clear();
@@ -278,6 +299,11 @@ impl PayloadLog {
             .map(|(no, _)| *no)
             .collect();
         for no in done {
+            if self.free.len() < RECYCLE_MAX {
+                self.files.remove(&no);
+                self.free.push(no);
+                continue;
+            }
             let path = self.dir.join(file_name(no));
             match std::fs::remove_file(&path) {
                 Ok(()) => {
@@ -342,10 +368,56 @@ mod tests {
         let plan = j.plan_segment(d.id, 1, 2).await.unwrap();
         j.segment_uploaded(plan, bytes).await.unwrap();
         assert_eq!(j.cache_used(), 0);
+        drop(j);
+        drop(Journal::open(dir.path(), 1 << 30).unwrap());
         assert!(
             !files(dir.path()).contains(&first[0]),
-            "an uploaded, closed file is deleted"
+            "an uploaded file no longer referenced is gone"
         );
+    }
+
+    #[tokio::test]
+    async fn uploaded_files_are_recycled_and_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        let d = j.register_disk("m", "disk0", 64 << 20, 1).await.unwrap();
+        let mut batch = 0;
+        let mut uploaded = 0u64;
+        for round in 0..6u8 {
+            // 1.5 MiB per round: files (1 MiB in tests) fill and rotate.
+            for _ in 0..24 {
+                batch += 1;
+                let off = (batch % 1000) * 65536;
+                j.commit("m", 1, batch, vec![write(off, round + 1, 65536)])
+                    .await
+                    .unwrap();
+            }
+            let d = j.disk("m", "disk0").unwrap();
+            let recs = j.read_records(d.id, uploaded + 1, u64::MAX, usize::MAX).unwrap();
+            assert_eq!(recs.len(), 24);
+            assert!(recs.iter().all(|r| r.payload.iter().all(|b| *b == round + 1)));
+            let bytes: u64 = recs.iter().map(|r| r.to_journal_value().len() as u64).sum();
+            let plan = j.plan_segment(d.id, uploaded + 1, d.next_seq - 1).await.unwrap();
+            j.segment_uploaded(plan, bytes).await.unwrap();
+            uploaded = d.next_seq - 1;
+        }
+        assert_eq!(j.cache_used(), 0);
+        let on_disk = files(dir.path());
+        assert!(
+            on_disk.len() <= 2 + RECYCLE_MAX,
+            "files are recycled or deleted: {on_disk:?}"
+        );
+        assert!(
+            *on_disk.last().unwrap() >= 6,
+            "rotated through several files: {on_disk:?}"
+        );
+        // A restart keeps nothing it does not need, and the journal still works.
+        drop(j);
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        j.commit("m", 2, 1, vec![write(0, 9, 65536)]).await.unwrap();
+        let recs = j.read_records(d.id, uploaded + 1, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].payload[0], 9);
     }
 
     #[tokio::test]
