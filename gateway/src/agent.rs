@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::journal::{block_checksum, Ack, BLOCK_SIZE};
-use crate::protocol::{encode_batch, IngestRecord};
+use crate::protocol::{encode_batch, BatchBuilder, IngestRecord};
 use crate::server::{BookmarkRequest, DiskRequest, DiskResponse, ErrorBody, RegisterRequest, RegisterResponse};
 
 /// Most bytes of block data in one batch.
@@ -222,7 +222,11 @@ impl Agent {
 
     /// Sends one batch and returns its ack (retrying as needed under the same batch id).
     pub async fn send_batch(&self, records: &[IngestRecord]) -> Result<Ack, AgentError> {
-        let body = encode_batch(records);
+        self.send_body(&encode_batch(records)).await
+    }
+
+    /// Sends one encoded batch body (see [`BatchBuilder`]) and returns its ack.
+    pub async fn send_body(&self, body: &Bytes) -> Result<Ack, AgentError> {
         let batch = self.next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let url = self.url("batches");
         let resp = self
@@ -325,11 +329,13 @@ impl Agent {
             });
         }
         // A blocking thread reads and diffs the disk; batches flow back over a bounded channel.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<IngestRecord>, u64, u64, u64)>(IN_FLIGHT);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Bytes, u64, u64, u64)>(IN_FLIGHT);
+        // Acked bodies go back to the scanner to be filled again: no fresh pages per batch.
+        let (free_tx, free_rx) = crossbeam_channel::bounded::<bytes::BytesMut>(IN_FLIGHT * 2 + 2);
         let name = spec.name.clone();
         let path = spec.path.display().to_string();
         let scanner = tokio::task::spawn_blocking(move || {
-            scan_disk(file, size, &name, &replica, tx, progress).map_err(|e| (path, e))
+            scan_disk(file, size, &name, &replica, tx, free_rx, progress).map_err(|e| (path, e))
         });
         let mut summary = DiskSummary {
             disk: spec.name.clone(),
@@ -341,16 +347,22 @@ impl Agent {
         loop {
             tokio::select! {
                 msg = rx.recv(), if channel_open && in_flight.len() < IN_FLIGHT => match msg {
-                    Some((records, sent, changed, zeroed)) => {
+                    Some((body, sent, changed, zeroed)) => {
                         summary.bytes_sent += sent;
                         summary.blocks_changed += changed;
                         summary.blocks_zeroed += zeroed;
-                        in_flight.push(async move { self.send_batch(&records).await });
+                        in_flight.push(async move {
+                            let ack = self.send_body(&body).await;
+                            (ack, body)
+                        });
                     }
                     None => channel_open = false,
                 },
-                Some(ack) = in_flight.next(), if !in_flight.is_empty() => {
+                Some((ack, body)) = in_flight.next(), if !in_flight.is_empty() => {
                     let ack = ack?;
+                    if let Ok(buf) = body.try_into_mut() {
+                        let _ = free_tx.try_send(buf);
+                    }
                     if let Some(seq) = ack.seqs.get(&spec.name) {
                         summary.last_seq = summary.last_seq.max(*seq);
                     }
@@ -371,29 +383,38 @@ impl Agent {
     }
 }
 
-/// Reads the disk, diffs it against `replica` checksums, and sends batches of records with
-/// `(records, data bytes, changed blocks, zeroed blocks)`. Returns bytes scanned.
+/// Reads the disk, diffs it against `replica` checksums, and sends batch bodies with
+/// `(body, data bytes, changed blocks, zeroed blocks)`. Changed blocks are copied once, from the
+/// read buffer straight into the body, with the checksums computed for the diff. Returns bytes
+/// scanned.
 fn scan_disk(
     mut file: File,
     size: u64,
     disk: &str,
     replica: &[u8],
-    tx: tokio::sync::mpsc::Sender<(Vec<IngestRecord>, u64, u64, u64)>,
+    tx: tokio::sync::mpsc::Sender<(Bytes, u64, u64, u64)>,
+    free: crossbeam_channel::Receiver<bytes::BytesMut>,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> std::io::Result<u64> {
+    // Room for a full batch plus one extent and the record framing, so the body never regrows.
+    let capacity = BATCH_BYTES + EXTENT_BYTES as usize + (64 << 10);
     let mut buf = vec![0u8; READ_BYTES];
     let mut pos = 0u64;
-    let mut batch: Vec<IngestRecord> = Vec::new();
+    let mut batch = BatchBuilder::new(capacity);
     let mut batch_bytes = 0usize;
     let (mut changed, mut zeroed) = (0u64, 0u64);
-    // The extent being built: (start offset, data) for writes, or (start, len) for zeros.
-    let mut write_run: Option<(u64, Vec<u8>)> = None;
+    // The zero range being built: (start, len).
     let mut zero_run: Option<(u64, u64)> = None;
-    let flush = |batch: &mut Vec<IngestRecord>, batch_bytes: &mut usize, changed: &mut u64, zeroed: &mut u64| -> bool {
+    let flush = |batch: &mut BatchBuilder, batch_bytes: &mut usize, changed: &mut u64, zeroed: &mut u64| -> bool {
         if batch.is_empty() {
             return true;
         }
-        let msg = (std::mem::take(batch), *batch_bytes as u64, *changed, *zeroed);
+        let next = match free.try_recv() {
+            Ok(buf) if buf.capacity() >= capacity => BatchBuilder::with_buffer(buf),
+            _ => BatchBuilder::new(capacity),
+        };
+        let body = std::mem::replace(batch, next).finish();
+        let msg = (body, *batch_bytes as u64, *changed, *zeroed);
         *batch_bytes = 0;
         *changed = 0;
         *zeroed = 0;
@@ -408,50 +429,45 @@ fn scan_disk(
             let theirs = &replica[index * 16..index * 16 + 16];
             let replica_zero = theirs.iter().all(|b| *b == 0);
             let is_zero = block.iter().all(|b| *b == 0);
-            let differs = if is_zero {
-                !replica_zero
+            let (differs, sum) = if is_zero {
+                (!replica_zero, None)
             } else {
-                block_checksum(block) != theirs
+                let sum = block_checksum(block);
+                (sum != theirs, Some(sum))
             };
             // Close runs that this block does not continue.
-            let continues_write = differs
-                && !is_zero
-                && write_run
-                    .as_ref()
-                    .is_some_and(|(s, d)| s + d.len() as u64 == off && (d.len() as u64) < EXTENT_BYTES);
+            let continues_write =
+                differs && !is_zero && batch.open_write_ends_at(off) && (batch.open_write_len() as u64) < EXTENT_BYTES;
             if !continues_write {
-                if let Some((s, d)) = write_run.take() {
-                    batch_bytes += d.len();
-                    batch.push(IngestRecord::write(disk, s, Bytes::from(d)));
-                }
+                batch.close_write();
             }
             let continues_zero =
                 differs && is_zero && zero_run.is_some_and(|(s, l)| s + l == off && l < (u32::MAX as u64 / 2));
             if !continues_zero {
                 if let Some((s, l)) = zero_run.take() {
-                    batch.push(IngestRecord::zero(disk, s, l as u32));
+                    batch.zero(disk, s, l as u32);
                 }
             }
             if differs {
-                if is_zero {
-                    zeroed += 1;
-                    match &mut zero_run {
-                        Some((_, l)) => *l += block.len() as u64,
-                        None => zero_run = Some((off, block.len() as u64)),
-                    }
-                } else {
-                    changed += 1;
-                    match &mut write_run {
-                        Some((_, d)) => d.extend_from_slice(block),
-                        None => {
-                            let mut d = Vec::with_capacity(EXTENT_BYTES as usize);
-                            d.extend_from_slice(block);
-                            write_run = Some((off, d));
+                match sum {
+                    None => {
+                        zeroed += 1;
+                        match &mut zero_run {
+                            Some((_, l)) => *l += block.len() as u64,
+                            None => zero_run = Some((off, block.len() as u64)),
                         }
+                    }
+                    Some(sum) => {
+                        changed += 1;
+                        if !continues_write {
+                            batch.begin_write(disk, off);
+                        }
+                        batch.push_block(block, &sum);
+                        batch_bytes += block.len();
                     }
                 }
             }
-            if (batch_bytes >= BATCH_BYTES || batch.len() >= 4096)
+            if (batch_bytes >= BATCH_BYTES || batch.records() >= 4096)
                 && !flush(&mut batch, &mut batch_bytes, &mut changed, &mut zeroed)
             {
                 return Err(std::io::Error::other("sync cancelled"));
@@ -460,12 +476,8 @@ fn scan_disk(
         pos += want as u64;
         progress(want as u64);
     }
-    if let Some((s, d)) = write_run.take() {
-        batch_bytes += d.len();
-        batch.push(IngestRecord::write(disk, s, Bytes::from(d)));
-    }
     if let Some((s, l)) = zero_run.take() {
-        batch.push(IngestRecord::zero(disk, s, l as u32));
+        batch.zero(disk, s, l as u32);
     }
     if !flush(&mut batch, &mut batch_bytes, &mut changed, &mut zeroed) {
         return Err(std::io::Error::other("sync cancelled"));

@@ -227,6 +227,17 @@ pub fn seal(key: &Key, nonce: [u8; 12], aad: &[u8], plaintext: &[u8]) -> Vec<u8>
         .expect("AES-GCM seal cannot fail for in-memory buffers")
 }
 
+/// Bytes AES-GCM adds to a sealed message.
+pub const TAG_LEN: usize = 16;
+
+/// Seals `buf` in place (the tag is appended), like [`seal`] without a second buffer.
+pub fn seal_in_place(key: &Key, nonce: [u8; 12], aad: &[u8], buf: &mut Vec<u8>) {
+    use aes_gcm::aead::AeadInPlace;
+    key.cipher()
+        .encrypt_in_place(Nonce::from_slice(&nonce), aad, buf)
+        .expect("AES-GCM seal cannot fail for in-memory buffers");
+}
+
 /// Opens one chunk; `what` names it in the error.
 pub fn open(key: &Key, nonce: [u8; 12], aad: &[u8], sealed: &[u8], what: &str) -> Result<Vec<u8>, CryptoError> {
     key.cipher()
@@ -287,6 +298,9 @@ mod tests {
         assert_eq!(open(&k, chunk_nonce(7, 0), b"hdr", &sealed, "c").unwrap(), b"hello");
         assert!(open(&k, chunk_nonce(7, 1), b"hdr", &sealed, "c").is_err());
         assert!(open(&k, chunk_nonce(7, 0), b"hdx", &sealed, "c").is_err());
+        let mut in_place = b"hello".to_vec();
+        seal_in_place(&k, chunk_nonce(7, 0), b"hdr", &mut in_place);
+        assert_eq!(in_place, sealed, "in place and copying seals agree");
         let mut bad = sealed.clone();
         bad[0] ^= 1;
         assert!(open(&k, chunk_nonce(7, 0), b"hdr", &bad, "c").is_err());

@@ -8,10 +8,13 @@
 //! - `meta`: schema version, disks (`disk/MACHINE/DISK`), agent tokens, batch dedupe records,
 //!   segment upload plans, recovery points, cache usage.
 //! - `journal`: `disk_id u32 ‖ seq u64` → record (see `record`), deleted once its segment is in blob.
+//!   Since schema 2 a record with a payload of 4 KiB or more is a pointer into the payload log
+//!   (see [`paylog`]): the payload is written once, not to the WAL and again to a blob file.
 //! - `checksums`: `disk_id u32 ‖ block u64` → 16-byte BLAKE3 prefix of the replica's block, for
 //!   delta sync by checksum. Absent means the block is zeros.
 //! - `segments`, `extents`: the read side's catalogue (see `catalog`), filled as segments land.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,11 +31,14 @@ use tokio::sync::{oneshot, Notify};
 use crate::protocol::{IngestRecord, RecordKind};
 use crate::record::LogRecord;
 
+pub mod paylog;
+
 pub const CF_META: &str = "meta";
 pub const CF_JOURNAL: &str = "journal";
 pub const CF_CHECKSUMS: &str = "checksums";
 const SCHEMA_KEY: &[u8] = b"schema";
-const SCHEMA_VERSION: u32 = 1;
+/// 2: write payloads live in the payload log, the journal CF holds pointers to them.
+const SCHEMA_VERSION: u32 = 2;
 const CACHE_USED_KEY: &[u8] = b"cache_used";
 const NEXT_DISK_KEY: &[u8] = b"next_disk_id";
 const NEXT_POINT_KEY: &[u8] = b"next_point_id";
@@ -48,7 +54,7 @@ const GROUP_COMMIT_BYTES: usize = 128 << 20;
 pub enum JournalError {
     #[error("journal database: {0}")]
     Db(#[from] rocksdb::Error),
-    #[error("journal schema version {found} is not supported (expected {SCHEMA_VERSION})")]
+    #[error("journal schema version {found} is not supported (expected {SCHEMA_VERSION}): this journal was written by another Lifeboat release; let that release upload it (until the cache is empty), then remove the journal folder")]
     Schema { found: u32 },
     #[error("cache full: {used} of {max} bytes held; retry after the uploader frees space")]
     CacheFull { used: u64, max: u64 },
@@ -149,6 +155,12 @@ pub struct PreparedRecord {
 /// deletion when zeroed), partly covered blocks become unknown. The disk's last block may be
 /// short; a record reaching the disk's end covers it whole.
 pub fn prepare(record: IngestRecord, disk_size: u64) -> PreparedRecord {
+    prepare_with_sums(record, disk_size, None)
+}
+
+/// Like [`prepare`], taking whole blocks' checksums from `sums` (16 bytes per block the record
+/// touches, as the agent computed them for its diff) instead of hashing the data again.
+pub fn prepare_with_sums(record: IngestRecord, disk_size: u64, sums: Option<&[u8]>) -> PreparedRecord {
     let mut checksums = Vec::new();
     if matches!(record.kind, RecordKind::Write | RecordKind::Zero) {
         let start = record.offset;
@@ -163,6 +175,10 @@ pub fn prepare(record: IngestRecord, disk_size: u64) -> PreparedRecord {
                 Some(UNKNOWN_CHECKSUM)
             } else if record.kind == RecordKind::Zero {
                 None
+            } else if let Some(sum) =
+                sums.and_then(|s| s.get(((block - first) * 16) as usize..((block - first + 1) * 16) as usize))
+            {
+                Some(sum.try_into().expect("16 bytes"))
             } else {
                 let data = &record.payload[(bstart - start) as usize..(bend - start) as usize];
                 if data.iter().all(|b| *b == 0) {
@@ -246,6 +262,8 @@ pub struct JournalState {
 #[derive(Clone)]
 pub struct Journal {
     db: Arc<DB>,
+    /// The payload log's folder (readers open its files themselves).
+    log_dir: Arc<std::path::PathBuf>,
     tx: Sender<Command>,
     pub state: Arc<JournalState>,
     _writer: Arc<WriterGuard>,
@@ -325,17 +343,12 @@ impl Journal {
         db_opts.set_max_total_wal_size(512 << 20);
         let mut journal_opts = Options::default();
         journal_opts.set_compression_type(rocksdb::DBCompressionType::None);
-        // Journal entries live for seconds: big memtables let most of them be deleted (by the
-        // uploader's range delete) before a flush, and values go to blob files so compaction
-        // moves only keys instead of rewriting the data.
-        journal_opts.set_write_buffer_size(256 << 20);
+        // Journal values are small (payload pointers, zero ranges, points): the payloads
+        // themselves are in the payload log. Entries live for seconds, so most are deleted (by
+        // the uploader's range delete) before a flush.
+        journal_opts.set_write_buffer_size(64 << 20);
         journal_opts.set_max_write_buffer_number(4);
-        journal_opts.set_target_file_size_base(128 << 20);
-        journal_opts.set_enable_blob_files(true);
-        journal_opts.set_min_blob_size(4096);
-        journal_opts.set_blob_file_size(256 << 20);
-        journal_opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
-        journal_opts.set_enable_blob_gc(true);
+        journal_opts.set_target_file_size_base(64 << 20);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
             ColumnFamilyDescriptor::new(CF_JOURNAL, journal_opts),
@@ -352,8 +365,34 @@ impl Journal {
                     return Err(JournalError::Schema { found });
                 }
             }
-            None => db.put_cf(meta, SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes())?,
+            None => {
+                // A database without a schema key is new only if it holds no journal entries.
+                let journal = db.cf_handle(CF_JOURNAL).expect("journal cf");
+                if db.iterator_cf(journal, IteratorMode::Start).next().is_some() {
+                    return Err(JournalError::Schema { found: 0 });
+                }
+                db.put_cf(meta, SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes())?
+            }
         }
+        // Every live payload pointer, so the payload log keeps exactly the files they need.
+        let mut live = Vec::new();
+        {
+            let journal = db.cf_handle(CF_JOURNAL).expect("journal cf");
+            for item in db.iterator_cf(journal, IteratorMode::Start) {
+                let (k, v) = item?;
+                if let Some(p) = paylog::Pointer::decode(&v) {
+                    let p = p?;
+                    if k.len() != 12 {
+                        return Err(JournalError::Corrupt(format!("journal key of {} bytes", k.len())));
+                    }
+                    let disk = u32::from_be_bytes(k[..4].try_into().expect("4"));
+                    let seq = u64::from_be_bytes(k[4..12].try_into().expect("8"));
+                    live.push((disk, seq, p));
+                }
+            }
+        }
+        let log = paylog::PayloadLog::open(path.join(paylog::DIR), live.into_iter())?;
+        let log_dir = log.dir().to_path_buf();
         let mut disks = BTreeMap::new();
         for item in db.prefix_iterator_cf(meta, b"disk/") {
             let (k, v) = item?;
@@ -388,6 +427,7 @@ impl Journal {
         let writer = Writer {
             db: db.clone(),
             state: state.clone(),
+            log: RefCell::new(log),
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -397,6 +437,7 @@ impl Journal {
             db,
             tx: tx.clone(),
             state,
+            log_dir: Arc::new(log_dir),
             _writer: Arc::new(WriterGuard {
                 tx: Some(tx),
                 handle: Some(handle),
@@ -404,9 +445,9 @@ impl Journal {
         })
     }
 
-    /// Compacts the journal column family so that uploaded (deleted) entries and the blob
-    /// files holding them are dropped from disk now rather than at the next automatic
-    /// compaction (blocking).
+    /// Compacts the journal column family so that uploaded (deleted) entries are dropped from
+    /// disk now rather than at the next automatic compaction (blocking). Payload log files go
+    /// as soon as their records are uploaded, without compaction.
     pub fn compact(&self) {
         let cf = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
         self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
@@ -610,6 +651,7 @@ impl Journal {
         let start = journal_key(disk_id, first);
         let mut out = Vec::new();
         let mut bytes = 0;
+        let mut files: HashMap<u64, std::fs::File> = HashMap::new();
         for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             if k[..4] != disk_id.to_be_bytes() {
@@ -619,8 +661,32 @@ impl Journal {
             if seq > last {
                 break;
             }
-            let r = LogRecord::from_journal_value(&v)
-                .map_err(|e| JournalError::Corrupt(format!("disk {disk_id} seq {seq}: {e}")))?;
+            let corrupt = |e: String| JournalError::Corrupt(format!("disk {disk_id} seq {seq}: {e}"));
+            let r = match paylog::Pointer::decode(&v) {
+                None => LogRecord::from_journal_value(&v).map_err(|e| corrupt(e.to_string()))?,
+                Some(p) => {
+                    let p = p?;
+                    let file = match files.entry(p.file) {
+                        std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(slot) => {
+                            match paylog::open_for_read(&self.log_dir, p.file) {
+                                Ok(f) => slot.insert(f),
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.uploaded(disk_id, seq) => {
+                                    // Uploaded (and its file deleted) since the iterator started.
+                                    break;
+                                }
+                                Err(e) => return Err(corrupt(format!("payload log file {}: {e}", p.file))),
+                            }
+                        }
+                    };
+                    match paylog::read(file, p) {
+                        Ok(r) => r,
+                        // Uploaded meanwhile and its file recycled under another number.
+                        Err(_) if self.uploaded(disk_id, seq) => break,
+                        Err(e) => return Err(corrupt(e)),
+                    }
+                }
+            };
             if r.seq != seq {
                 return Err(JournalError::Corrupt(format!(
                     "disk {disk_id}: key seq {seq} holds record seq {}",
@@ -634,6 +700,15 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+
+    fn uploaded(&self, disk_id: u32, seq: u64) -> bool {
+        self.state
+            .disks
+            .read()
+            .expect("lock")
+            .get(&disk_id)
+            .is_some_and(|d| d.uploaded_through >= seq)
     }
 
     /// Adds rebuilt disks and points straight to the database, for `index rebuild` on a journal
@@ -785,6 +860,8 @@ fn deferred_reply<T: 'static>(
 struct Writer {
     db: Arc<DB>,
     state: Arc<JournalState>,
+    /// Only the writer thread touches it.
+    log: RefCell<paylog::PayloadLog>,
 }
 
 /// Per-group scratch state: disk metadata changed by this group, not yet published.
@@ -828,6 +905,11 @@ impl Writer {
             db: &self.db,
         };
         let mut replies: Vec<DeferredReply> = Vec::new();
+        // A new payload log file, if due, before any commit of the group appends to it.
+        let log_error = self.log.borrow_mut().rotate_if_needed().err().map(|e| e.to_string());
+        if let Some(e) = &log_error {
+            tracing::error!(error = %e, "payload log unavailable: batches are refused");
+        }
         let mut new_plans = Vec::new();
         let mut done_plans = Vec::new();
         let mut committed_any = false;
@@ -842,7 +924,10 @@ impl Writer {
                     bytes,
                     reply,
                 } => {
-                    let r = self.commit(&mut g, &machine, session, batch, records, bytes as u64);
+                    let r = match &log_error {
+                        Some(e) => Err(JournalError::Corrupt(e.clone())),
+                        None => self.commit(&mut g, &machine, session, batch, records, bytes as u64),
+                    };
                     committed_any |= r.is_ok();
                     replies.push(deferred_reply(reply, r));
                 }
@@ -914,7 +999,11 @@ impl Writer {
         g.wb.put_cf(meta, CACHE_USED_KEY, g.cache_used.to_be_bytes());
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        let result = self.db.write_opt(g.wb, &wo);
+        // Payloads first: a pointer is durable only after the bytes it points at.
+        let result = match self.log.borrow_mut().sync_group() {
+            Ok(()) => self.db.write_opt(g.wb, &wo).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
         let err = result.as_ref().err().map(|e| format!("journal write failed: {e}"));
         if err.is_none() {
             {
@@ -933,6 +1022,10 @@ impl Writer {
                 }
             }
             self.state.cache_used.store(g.cache_used, Ordering::Relaxed);
+            if freed_any {
+                let disks = self.state.disks.read().expect("lock");
+                self.log.borrow_mut().reclaim(&disks);
+            }
         } else {
             tracing::error!(error = err.as_deref().unwrap_or(""), "journal group commit failed");
         }
@@ -1068,9 +1161,15 @@ impl Writer {
                         len: p.record.len,
                         payload: p.record.payload,
                     };
-                    let value = rec.to_journal_value();
-                    added += value.len() as u64;
-                    g.wb.put_cf(journal, journal_key(id, seq), value);
+                    if rec.payload.len() >= paylog::MIN_PAYLOAD {
+                        let ptr = self.log.borrow_mut().append(id, &rec);
+                        added += ptr.len as u64;
+                        g.wb.put_cf(journal, journal_key(id, seq), ptr.encode());
+                    } else {
+                        let value = rec.to_journal_value();
+                        added += value.len() as u64;
+                        g.wb.put_cf(journal, journal_key(id, seq), value);
+                    }
                     for (block, sum) in p.checksums {
                         match sum {
                             Some(s) => g.wb.put_cf(sums, checksum_key(id, block), s),

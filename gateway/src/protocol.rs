@@ -5,17 +5,24 @@
 //! ```text
 //! batch   := magic "LBAT" | version u16 | flags u16 | count u32 | record* | crc32c u32 (over all before)
 //! record  := kind u8 | disk_len u8 | disk utf8 | offset u64 | len u32 | crc32c(payload) u32 | payload
+//!            [version 2, writes only: sum_count u32 | sum_count × 16-byte block checksum]
 //! ```
 //! All integers are big-endian. `payload` is the data of a write, empty for a zero range (whose
 //! length is `len`), and the UTF-8 label of a bookmark (`disk` empty, `offset` 0).
+//!
+//! Version 2 carries, after each write's payload, the agent's delta-sync checksum of every 64 KiB
+//! block the write touches (the agent hashed them to diff anyway), so the server does not hash
+//! the data a second time. The body CRC still covers them and every payload.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 /// Magic bytes that open every batch.
 pub const BATCH_MAGIC: &[u8; 4] = b"LBAT";
-/// Current batch format version.
-pub const BATCH_VERSION: u16 = 1;
+/// Current batch format version (2: writes carry their blocks' checksums).
+pub const BATCH_VERSION: u16 = 2;
+/// The oldest batch format version the server still accepts (no block checksums).
+pub const BATCH_VERSION_MIN: u16 = 1;
 /// Largest batch body the server accepts.
 pub const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Largest single record payload (a write extent).
@@ -117,7 +124,7 @@ pub enum FrameError {
     Truncated { at: usize, needed: usize },
     #[error("not a Lifeboat batch (bad magic)")]
     BadMagic,
-    #[error("unsupported batch version {0} (this server speaks {BATCH_VERSION})")]
+    #[error("unsupported batch version {0} (this server speaks {BATCH_VERSION_MIN} to {BATCH_VERSION})")]
     BadVersion(u16),
     #[error("batch checksum mismatch: the body was corrupted in transit")]
     BadChecksum,
@@ -133,12 +140,159 @@ pub enum FrameError {
     TooManyRecords(u32),
 }
 
-/// Encodes records into one batch body.
+/// Blocks of the delta-sync checksum table that the range `[offset, offset+len)` touches.
+pub fn blocks_touched(offset: u64, len: u32) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    let bs = crate::journal::BLOCK_SIZE;
+    (offset + len as u64 - 1) / bs - offset / bs + 1
+}
+
+/// Builds a version 2 batch body in place, record by record: write payloads are copied once,
+/// straight from the agent's read buffer into the body, with their block checksums alongside.
+pub struct BatchBuilder {
+    buf: BytesMut,
+    count: u32,
+    /// The write being built: where its header starts, its payload CRC, its block checksums.
+    open: Option<OpenWrite>,
+    /// CRC32C of the body from the first record on, kept as records close, so that the body CRC
+    /// needs no second pass over the payloads.
+    crc: u32,
+    crc_len: usize,
+}
+
+struct OpenWrite {
+    header_at: usize,
+    payload_at: usize,
+    payload_crc: u32,
+    sums: Vec<u8>,
+}
+
+impl BatchBuilder {
+    pub fn new(capacity: usize) -> Self {
+        Self::with_buffer(BytesMut::with_capacity(capacity))
+    }
+
+    /// A builder writing into `buf` (cleared first): a sent body's memory, reused.
+    pub fn with_buffer(mut buf: BytesMut) -> Self {
+        buf.clear();
+        buf.put_slice(BATCH_MAGIC);
+        buf.put_u16(BATCH_VERSION);
+        buf.put_u16(0);
+        buf.put_u32(0);
+        Self {
+            buf,
+            count: 0,
+            open: None,
+            crc: 0,
+            crc_len: BATCH_HEADER_LEN,
+        }
+    }
+
+    pub fn records(&self) -> u32 {
+        self.count + u32::from(self.open.is_some())
+    }
+
+    /// Bytes of the body so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records() == 0
+    }
+
+    /// Payload bytes of the open write (0 when none is open).
+    pub fn open_write_len(&self) -> usize {
+        self.open.as_ref().map_or(0, |w| self.buf.len() - w.payload_at)
+    }
+
+    /// Whether the open write ends at `offset` (so a block there can extend it).
+    pub fn open_write_ends_at(&self, offset: u64) -> bool {
+        let Some(w) = &self.open else { return false };
+        let start = u64::from_be_bytes(self.buf[w.payload_at - 16..w.payload_at - 8].try_into().expect("8"));
+        start + (self.buf.len() - w.payload_at) as u64 == offset
+    }
+
+    fn add_crc(&mut self, upto: usize) {
+        self.crc = crc32c::crc32c_append(self.crc, &self.buf[self.crc_len..upto]);
+        self.crc_len = upto;
+    }
+
+    /// Starts a write record at `offset` of `disk` (closing any open one).
+    pub fn begin_write(&mut self, disk: &str, offset: u64) {
+        self.close_write();
+        let header_at = self.buf.len();
+        self.buf.put_u8(RecordKind::Write as u8);
+        self.buf.put_u8(disk.len() as u8);
+        self.buf.put_slice(disk.as_bytes());
+        self.buf.put_u64(offset);
+        self.buf.put_u32(0);
+        self.buf.put_u32(0);
+        self.open = Some(OpenWrite {
+            header_at,
+            payload_at: self.buf.len(),
+            payload_crc: 0,
+            sums: Vec::new(),
+        });
+    }
+
+    /// Appends one block (with its delta-sync checksum) to the open write.
+    pub fn push_block(&mut self, data: &[u8], checksum: &[u8; 16]) {
+        let w = self.open.as_mut().expect("push_block after begin_write");
+        w.payload_crc = crc32c::crc32c_append(w.payload_crc, data);
+        w.sums.extend_from_slice(checksum);
+        self.buf.put_slice(data);
+    }
+
+    /// Closes the open write, if any: fills in its length and CRC, appends its checksums.
+    pub fn close_write(&mut self) {
+        let Some(w) = self.open.take() else { return };
+        let len = (self.buf.len() - w.payload_at) as u32;
+        self.buf[w.payload_at - 8..w.payload_at - 4].copy_from_slice(&len.to_be_bytes());
+        self.buf[w.payload_at - 4..w.payload_at].copy_from_slice(&w.payload_crc.to_be_bytes());
+        // Body CRC: the bytes up to the payload, then the payload by combining its CRC.
+        debug_assert!(self.crc_len <= w.header_at);
+        self.add_crc(w.payload_at);
+        self.crc = crc32c::crc32c_combine(self.crc, w.payload_crc, len as usize);
+        self.crc_len = self.buf.len();
+        self.buf.put_u32((w.sums.len() / 16) as u32);
+        self.buf.put_slice(&w.sums);
+        self.count += 1;
+    }
+
+    /// Adds a zero-range record.
+    pub fn zero(&mut self, disk: &str, offset: u64, len: u32) {
+        self.close_write();
+        self.buf.put_u8(RecordKind::Zero as u8);
+        self.buf.put_u8(disk.len() as u8);
+        self.buf.put_slice(disk.as_bytes());
+        self.buf.put_u64(offset);
+        self.buf.put_u32(len);
+        self.buf.put_u32(crc32c::crc32c(&[]));
+        self.count += 1;
+    }
+
+    /// Closes the body: record count and body CRC.
+    pub fn finish(mut self) -> Bytes {
+        self.close_write();
+        let end = self.buf.len();
+        self.add_crc(end);
+        self.buf[8..12].copy_from_slice(&self.count.to_be_bytes());
+        let head = crc32c::crc32c(&self.buf[..BATCH_HEADER_LEN]);
+        let crc = crc32c::crc32c_combine(head, self.crc, end - BATCH_HEADER_LEN);
+        self.buf.put_u32(crc);
+        self.buf.freeze()
+    }
+}
+
+/// Encodes records into one batch body (version 1: no block checksums; the server hashes).
 pub fn encode_batch(records: &[IngestRecord]) -> Bytes {
     let size = BATCH_HEADER_LEN + records.iter().map(IngestRecord::encoded_len).sum::<usize>() + 4;
     let mut buf = BytesMut::with_capacity(size);
     buf.put_slice(BATCH_MAGIC);
-    buf.put_u16(BATCH_VERSION);
+    buf.put_u16(BATCH_VERSION_MIN);
     buf.put_u16(0);
     buf.put_u32(records.len() as u32);
     for r in records {
@@ -168,6 +322,12 @@ fn need(buf: &Bytes, at: usize, n: usize) -> Result<(), FrameError> {
 
 /// Decodes and verifies a batch body. Payloads share the body's memory (no copy).
 pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
+    Ok(decode_batch_with_sums(body)?.into_iter().map(|(r, _)| r).collect())
+}
+
+/// Like [`decode_batch`], also returning each write's block checksums when the agent sent them
+/// (version 2): 16 bytes per block in [`blocks_touched`], sharing the body's memory.
+pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<Bytes>)>, FrameError> {
     if body.len() > MAX_BATCH_BYTES {
         return Err(FrameError::TooLarge(body.len()));
     }
@@ -179,7 +339,7 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
     }
     buf.advance(4);
     let version = buf.get_u16();
-    if version != BATCH_VERSION {
+    if !(BATCH_VERSION_MIN..=BATCH_VERSION).contains(&version) {
         return Err(FrameError::BadVersion(version));
     }
     let _flags = buf.get_u16();
@@ -190,6 +350,9 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
     // The body checksum covers everything but the trailing 4 bytes.
     let expected = u32::from_be_bytes(body[total - 4..].try_into().expect("4 bytes"));
     // Parse records first so a short body is reported as truncated, not as a checksum error.
+    // The body CRC is built along the way, reusing each payload's CRC: one pass over the data.
+    let mut body_crc = 0u32;
+    let mut crc_at = 0usize;
     let mut records = Vec::with_capacity(count.min(4096) as usize);
     let mut index = 0u32;
     while index < count {
@@ -222,9 +385,29 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
         }
         need(&buf, total - buf.remaining(), payload_len + 4)?;
         let payload = buf.split_to(payload_len);
-        if crc32c::crc32c(&payload) != crc {
+        let payload_crc = crc32c::crc32c(&payload);
+        if payload_crc != crc {
             return Err(FrameError::BadRecordChecksum { index });
         }
+        // The body CRC over this record: its header bytes, then the payload's CRC combined.
+        let header_end = total - buf.remaining() - payload_len;
+        body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..header_end]);
+        body_crc = crc32c::crc32c_combine(body_crc, payload_crc, payload_len);
+        crc_at = header_end + payload_len;
+        let sums = if version >= 2 && kind == RecordKind::Write {
+            need(&buf, total - buf.remaining(), 4 + 4)?;
+            let n = buf.get_u32() as u64;
+            if n != blocks_touched(offset, len) {
+                return Err(FrameError::BadRecord {
+                    index,
+                    reason: "block checksum count does not match the write's blocks",
+                });
+            }
+            need(&buf, total - buf.remaining(), n as usize * 16 + 4)?;
+            Some(buf.split_to(n as usize * 16))
+        } else {
+            None
+        };
         match kind {
             RecordKind::Write | RecordKind::Zero if disk.is_empty() => {
                 return Err(FrameError::BadRecord {
@@ -246,13 +429,16 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
             }
             _ => {}
         }
-        records.push(IngestRecord {
-            kind,
-            disk,
-            offset,
-            len,
-            payload,
-        });
+        records.push((
+            IngestRecord {
+                kind,
+                disk,
+                offset,
+                len,
+                payload,
+            },
+            sums,
+        ));
         index += 1;
     }
     if buf.remaining() != 4 {
@@ -261,7 +447,8 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
             found: index,
         });
     }
-    if crc32c::crc32c(&body[..total - 4]) != expected {
+    body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..total - 4]);
+    if body_crc != expected {
         return Err(FrameError::BadChecksum);
     }
     Ok(records)
@@ -277,6 +464,48 @@ mod tests {
             IngestRecord::zero("disk1", 0, 65536),
             IngestRecord::bookmark("nightly"),
         ]
+    }
+
+    fn built() -> (Bytes, Vec<Option<Vec<u8>>>) {
+        let mut b = BatchBuilder::new(1 << 20);
+        b.begin_write("disk0", 65536);
+        b.push_block(&[7u8; 65536], &[1u8; 16]);
+        assert!(b.open_write_ends_at(131072));
+        b.push_block(&[8u8; 65536], &[2u8; 16]);
+        b.zero("disk0", 0, 65536);
+        b.begin_write("disk1", 0);
+        b.push_block(&[9u8; 100], &[3u8; 16]);
+        let mut s1 = vec![1u8; 16];
+        s1.extend_from_slice(&[2u8; 16]);
+        (b.finish(), vec![Some(s1), None, Some(vec![3u8; 16])])
+    }
+
+    #[test]
+    fn builder_round_trip_with_sums() {
+        let (body, sums) = built();
+        let got = decode_batch_with_sums(body).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].0.offset, 65536);
+        assert_eq!(got[0].0.len, 131072);
+        assert_eq!(&got[0].0.payload[65536..65537], &[8u8]);
+        assert_eq!(got[1].0, IngestRecord::zero("disk0", 0, 65536));
+        assert_eq!(got[2].0.payload.as_ref(), &[9u8; 100][..]);
+        for (g, want) in got.iter().zip(sums) {
+            assert_eq!(g.1.as_ref().map(|b| b.to_vec()), want);
+        }
+    }
+
+    #[test]
+    fn builder_body_every_flip_and_cut_is_refused() {
+        let (body, _) = built();
+        for i in (0..body.len()).step_by(97).chain(body.len() - 80..body.len()) {
+            let mut bad = body.to_vec();
+            bad[i] ^= 0x40;
+            assert!(decode_batch(Bytes::from(bad)).is_err(), "flip at {i} accepted");
+        }
+        for cut in (0..body.len()).step_by(101) {
+            assert!(decode_batch(body.slice(..cut)).is_err(), "cut at {cut} accepted");
+        }
     }
 
     #[test]

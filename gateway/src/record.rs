@@ -112,6 +112,25 @@ impl LogRecord {
         Ok(r)
     }
 
+    /// Like [`Self::from_journal_value`], taking ownership so the payload is not copied again.
+    pub fn from_journal_vec(mut value: Vec<u8>) -> Result<Self, RecordError> {
+        if value.len() < FIXED_LEN + 4 {
+            return Err(RecordError::Truncated);
+        }
+        let body_len = value.len() - 4;
+        let crc = u32::from_be_bytes(value[body_len..].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&value[..body_len]) != crc {
+            return Err(RecordError::BadChecksum);
+        }
+        value.truncate(body_len);
+        let mut b = Bytes::from(value);
+        let r = Self::decode_from(&mut b)?;
+        if b.has_remaining() {
+            return Err(RecordError::Truncated);
+        }
+        Ok(r)
+    }
+
     /// End of the disk range this record touches (writes and zero ranges).
     pub fn end(&self) -> u64 {
         self.offset + self.len as u64
@@ -134,10 +153,12 @@ mod tests {
         };
         let v = r.to_journal_value();
         assert_eq!(LogRecord::from_journal_value(&v).unwrap(), r);
+        assert_eq!(LogRecord::from_journal_vec(v.clone()).unwrap(), r);
         for i in 0..v.len() {
             let mut bad = v.clone();
             bad[i] ^= 0x10;
             assert!(LogRecord::from_journal_value(&bad).is_err());
+            assert!(LogRecord::from_journal_vec(bad).is_err());
         }
     }
 }

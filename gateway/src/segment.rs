@@ -185,6 +185,73 @@ pub fn record_positions(records: &[LogRecord]) -> Vec<(u32, u32)> {
     out
 }
 
+/// Per-thread buffers of the chunk builders: the raw chunk and a zstd context, reused from chunk
+/// to chunk instead of allocating (and faulting in) fresh ones each time. A reused context gives
+/// the same bytes as a fresh one at the same level, so segments stay deterministic.
+struct ChunkScratch {
+    raw: Vec<u8>,
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+thread_local! {
+    static CHUNK_SCRATCH: std::cell::RefCell<ChunkScratch> = std::cell::RefCell::new(ChunkScratch {
+        raw: Vec::with_capacity(CHUNK_RAW_BYTES + (64 << 10)),
+        zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd context"),
+    });
+}
+
+/// A segment's chunks compressed but not sealed yet. Compression needs neither the key nor the
+/// segment counter, so the uploader compresses the next segment while the previous one is being
+/// put; sealing (fast) waits for the counter of the segment's plan.
+pub struct CompressedChunks {
+    /// Per chunk: compressed bytes (with room for the tag), raw length, record range.
+    chunks: Vec<(Vec<u8>, u32, std::ops::Range<usize>)>,
+    records: usize,
+    first_seq: u64,
+    last_seq: u64,
+}
+
+/// Compresses the chunks of a future segment of `records` in parallel on the rayon pool.
+pub fn compress_chunks(records: &[LogRecord]) -> CompressedChunks {
+    assert!(!records.is_empty(), "a segment holds at least one record");
+    let chunks = plan_chunks(records)
+        .into_par_iter()
+        .map(|range| {
+            let recs = &records[range.clone()];
+            let raw_len: usize = recs.iter().map(LogRecord::encoded_len).sum();
+            let compressed = CHUNK_SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let ChunkScratch { raw, zstd } = &mut *scratch;
+                raw.clear();
+                for r in recs {
+                    r.encode_into(raw);
+                }
+                // Room for the compressed bytes and the tag, so sealing needs no second buffer.
+                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()) + crypto::TAG_LEN);
+                zstd.compress_to_buffer(raw.as_slice(), &mut out)
+                    .expect("zstd compress to memory");
+                out
+            });
+            (compressed, raw_len as u32, range)
+        })
+        .collect();
+    CompressedChunks {
+        chunks,
+        records: records.len(),
+        first_seq: records[0].seq,
+        last_seq: records[records.len() - 1].seq,
+    }
+}
+
+impl CompressedChunks {
+    /// Whether these are the chunks of exactly `records`.
+    pub fn matches(&self, records: &[LogRecord]) -> bool {
+        self.records == records.len()
+            && records.first().map(|r| r.seq) == Some(self.first_seq)
+            && records.last().map(|r| r.seq) == Some(self.last_seq)
+    }
+}
+
 /// Builds a segment from records of one disk, in sequence order. Compression and sealing of the
 /// chunks run in parallel on the rayon pool.
 pub fn build_segment(
@@ -195,8 +262,21 @@ pub fn build_segment(
     key: &Key,
     records: &[LogRecord],
 ) -> (SegmentHeader, Bytes) {
-    assert!(!records.is_empty(), "a segment holds at least one record");
-    let plan = plan_chunks(records);
+    seal_segment(machine, disk, key_id, counter, key, records, compress_chunks(records))
+}
+
+/// Seals chunks compressed by [`compress_chunks`] from the same `records` into a segment: the
+/// very bytes [`build_segment`] gives.
+pub fn seal_segment(
+    machine: &str,
+    disk: &str,
+    key_id: u32,
+    counter: u64,
+    key: &Key,
+    records: &[LogRecord],
+    compressed: CompressedChunks,
+) -> (SegmentHeader, Bytes) {
+    assert!(compressed.matches(records), "compressed chunks of other records");
     let header = SegmentHeader {
         machine: machine.to_owned(),
         disk: disk.to_owned(),
@@ -206,22 +286,17 @@ pub fn build_segment(
         last_seq: records[records.len() - 1].seq,
         first_ms: records.iter().map(|r| r.time_ms).min().unwrap_or(0),
         last_ms: records.iter().map(|r| r.time_ms).max().unwrap_or(0),
-        chunk_count: plan.len() as u32,
+        chunk_count: compressed.chunks.len() as u32,
         raw_bytes: records.iter().map(|r| r.encoded_len() as u64).sum(),
     };
     let header_bytes = header.encode();
-    let sealed: Vec<(Vec<u8>, u32, &[LogRecord])> = plan
-        .par_iter()
+    let sealed: Vec<(Vec<u8>, u32, &[LogRecord])> = compressed
+        .chunks
+        .into_par_iter()
         .enumerate()
-        .map(|(i, range)| {
-            let recs = &records[range.clone()];
-            let mut raw = Vec::with_capacity(recs.iter().map(LogRecord::encoded_len).sum());
-            for r in recs {
-                r.encode_into(&mut raw);
-            }
-            let compressed = zstd::bulk::compress(&raw, ZSTD_LEVEL).expect("zstd compress to memory");
-            let sealed = crypto::seal(key, crypto::chunk_nonce(counter, i as u32), &header_bytes, &compressed);
-            (sealed, raw.len() as u32, recs)
+        .map(|(i, (mut out, raw_len, range))| {
+            crypto::seal_in_place(key, crypto::chunk_nonce(counter, i as u32), &header_bytes, &mut out);
+            (out, raw_len, &records[range])
         })
         .collect();
     let total: usize = header_bytes.len() + sealed.iter().map(|s| s.0.len()).sum::<usize>();
@@ -460,6 +535,18 @@ mod tests {
         assert!(h.chunk_count > 1);
         let (idx, k) = SegmentIndex::from_object(&a, |_| Ok(key.clone()), "s").unwrap();
         assert_eq!(idx.read_all(&k, &a, "s").unwrap(), records);
+    }
+
+    #[test]
+    fn compressing_ahead_gives_the_same_segment() {
+        let key = Key::random();
+        let records = recs(30, 70_000);
+        let (_, a) = build_segment("m", "disk0", 1, 5, &key, &records);
+        let pre = compress_chunks(&records);
+        assert!(pre.matches(&records));
+        assert!(!pre.matches(&records[1..]));
+        let (_, b) = seal_segment("m", "disk0", 1, 5, &key, &records, pre);
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -509,12 +509,13 @@ async fn batch(
     let j = s.journal.clone();
     let m = machine.clone();
     let prepared = tokio::task::spawn_blocking(move || -> Result<_, protocol::FrameError> {
-        let records = protocol::decode_batch(body)?;
+        // Writes from current agents carry their blocks' checksums: no second hash here.
+        let records = protocol::decode_batch_with_sums(body)?;
         Ok(records
             .into_iter()
-            .map(|r| {
+            .map(|(r, sums)| {
                 let size = j.disk(&m, &r.disk).map(|d| d.size).unwrap_or(0);
-                journal::prepare(r, size)
+                journal::prepare_with_sums(r, size, sums.as_deref())
             })
             .collect::<Vec<_>>())
     })

@@ -14,8 +14,9 @@ use tokio::sync::{watch, Mutex};
 use crate::blob::{self, layout};
 use crate::catalog;
 use crate::crypto::Key;
-use crate::journal::{DiskMeta, Journal, SegmentPlan};
+use crate::journal::{DiskMeta, Journal, JournalError, SegmentPlan};
 use crate::metrics::GatewayMetrics;
+use crate::record::LogRecord;
 use crate::segment;
 
 /// Most raw log bytes in one segment.
@@ -59,12 +60,23 @@ impl BlobStore {
     }
 }
 
+/// Records of a disk's next segment, read and compressed ahead (see [`Uploader::prefetch`]).
+type Ahead = (Vec<LogRecord>, segment::CompressedChunks);
+
+/// The next segment being read and compressed while the current one is put: `(disk, first seq)`.
+struct Prefetch {
+    disk: u32,
+    from: u64,
+    task: tokio::task::JoinHandle<Result<Option<Ahead>, JournalError>>,
+}
+
 pub struct Uploader {
     journal: Journal,
     blob: BlobStore,
     kek: Key,
     keys: Mutex<HashMap<(u32, u32), Key>>,
     metrics: GatewayMetrics,
+    prefetch: Mutex<Option<Prefetch>>,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -79,6 +91,7 @@ impl Uploader {
             kek,
             keys: Mutex::new(HashMap::new()),
             metrics,
+            prefetch: Mutex::new(None),
         }
     }
 
@@ -163,9 +176,49 @@ impl Uploader {
         Ok(k)
     }
 
+    /// Starts reading and compressing the segment of disk `disk` from seq `from` on, when a full
+    /// segment's worth is already waiting: that work then overlaps the put of the current one
+    /// (compression needs no counter, so no plan is made ahead).
+    async fn start_prefetch(&self, disk: u32, from: u64, current_bytes: u64) {
+        let waiting = self.journal.cache_used().saturating_sub(current_bytes);
+        let more = self.journal.disks().iter().any(|d| d.id == disk && d.next_seq > from);
+        if !more || waiting < SEGMENT_MAX_BYTES as u64 {
+            return;
+        }
+        let journal = self.journal.clone();
+        let task = tokio::task::spawn_blocking(move || -> Result<Option<Ahead>, JournalError> {
+            let recs = journal.read_records(disk, from, u64::MAX, SEGMENT_MAX_BYTES)?;
+            if recs.is_empty() {
+                return Ok(None);
+            }
+            let compressed = segment::compress_chunks(&recs);
+            Ok(Some((recs, compressed)))
+        });
+        *self.prefetch.lock().await = Some(Prefetch { disk, from, task });
+    }
+
+    /// The records (and compressed chunks) read ahead for `disk` from `from`, if that is what
+    /// was prefetched; anything else prefetched is dropped.
+    async fn take_prefetch(&self, disk: u32, from: u64) -> Option<Ahead> {
+        let p = self.prefetch.lock().await.take()?;
+        if p.disk != disk || p.from != from {
+            p.task.abort();
+            return None;
+        }
+        match p.task.await {
+            Ok(Ok(ahead)) => ahead,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "read-ahead of the next segment failed; reading again");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     async fn try_upload(&self, disk: &DiskMeta, existing: Option<SegmentPlan>) -> anyhow::Result<bool> {
         let journal = self.journal.clone();
         let id = disk.id;
+        let mut compressed = None;
         let (plan, records) = match existing {
             Some(plan) => {
                 let recs = tokio::task::spawn_blocking(move || {
@@ -176,9 +229,16 @@ impl Uploader {
             }
             None => {
                 let from = disk.uploaded_through + 1;
-                let recs =
-                    tokio::task::spawn_blocking(move || journal.read_records(id, from, u64::MAX, SEGMENT_MAX_BYTES))
-                        .await??;
+                let recs = match self.take_prefetch(id, from).await {
+                    Some((recs, chunks)) => {
+                        compressed = Some(chunks);
+                        recs
+                    }
+                    None => {
+                        tokio::task::spawn_blocking(move || journal.read_records(id, from, u64::MAX, SEGMENT_MAX_BYTES))
+                            .await??
+                    }
+                };
                 let (Some(first), Some(last)) = (recs.first(), recs.last()) else {
                     return Ok(false);
                 };
@@ -202,11 +262,16 @@ impl Uploader {
         let key = self.data_key(disk, disk.key_id).await?;
         let raw: usize = records.iter().map(|r| r.encoded_len()).sum();
         let journal_bytes = (raw + 4 * records.len()) as u64;
+        self.start_prefetch(id, plan.last_seq + 1, journal_bytes).await;
         let (machine, diskname, key_id) = (disk.machine.clone(), disk.disk.clone(), disk.key_id);
         let path = layout::segment(&disk.machine, &disk.disk, plan.first_seq, plan.last_seq);
         let name = path.to_string();
         let (bytes, entry, records) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let (_, bytes) = segment::build_segment(&machine, &diskname, key_id, plan.counter, &key, &records);
+            let compressed = compressed
+                .filter(|c| c.matches(&records))
+                .unwrap_or_else(|| segment::compress_chunks(&records));
+            let (_, bytes) =
+                segment::seal_segment(&machine, &diskname, key_id, plan.counter, &key, &records, compressed);
             let (index, _) = segment::SegmentIndex::from_object(&bytes, |_| Ok(key.clone()), &name)?;
             Ok((bytes, catalog::SegmentEntry::from_index(&name, &index), records))
         })
