@@ -5,7 +5,8 @@
 //! writable NBD exports at that group point whose writes never reach the protected data;
 //! cleanup removes them; a failover to files gives byte-exact disks and stops replication;
 //! failback onto a changed copy of the original disk writes exactly the differing blocks and
-//! replication resumes without a full copy. Plus the API's refusals (400/404/409).
+//! replication resumes without a full copy; a resync asked by hand survives a restart and the
+//! next full sync clears it. Plus the API's refusals (400/404/409).
 
 mod common;
 
@@ -146,7 +147,17 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
     let bad = app.admin(&["group", "set", "g", "--machine", "m1", "--policy", "nosuch"]);
     refused(bad, "400", "group with an unknown policy");
     ok(
-        app.admin(&["group", "set", "app", "--machine", "m1", "--machine", "m2", "--policy", "grp"]),
+        app.admin(&[
+            "group",
+            "set",
+            "app",
+            "--machine",
+            "m1",
+            "--machine",
+            "m2",
+            "--policy",
+            "grp",
+        ]),
         "group set",
     );
     refused(
@@ -219,21 +230,30 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
 
     // Test failover of the plan at the latest app-consistent point: pauses at the manual step.
     let job = json(
-        app.admin(&["failover", "--test", "--plan", "site", "--point", "latest-app", "--json"]),
+        app.admin(&[
+            "failover",
+            "--test",
+            "--plan",
+            "site",
+            "--point",
+            "latest-app",
+            "--json",
+        ]),
         "test failover",
     );
     assert_eq!(job["state"], "paused", "{job}");
-    assert_eq!(
-        std::fs::read_to_string(&marker).unwrap().trim(),
-        "test-failover m1,m2"
-    );
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "test-failover m1,m2");
     let id = job["id"].as_u64().unwrap().to_string();
     app.restart();
     let job = json(app.admin(&["jobs", "resume", &id, "--json"]), "jobs resume");
     assert_eq!(job["state"], "succeeded", "{job}");
     let results = job["results"].as_array().unwrap();
     let points: BTreeSet<u64> = results.iter().map(|r| r["point"].as_u64().unwrap()).collect();
-    assert_eq!(points, BTreeSet::from([shared.id]), "both machines at the group point: {job}");
+    assert_eq!(
+        points,
+        BTreeSet::from([shared.id]),
+        "both machines at the group point: {job}"
+    );
     app.restart();
 
     // The writable exports survive the restart; writes stay in the overlay.
@@ -284,7 +304,10 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
     );
 
     // Cleanup removes the exports.
-    let job = json(app.admin(&["failover", "--cleanup", "--plan", "site", "--json"]), "cleanup");
+    let job = json(
+        app.admin(&["failover", "--cleanup", "--plan", "site", "--json"]),
+        "cleanup",
+    );
     assert_eq!(job["state"], "paused", "the plan's pause applies to cleanup too: {job}");
     let id = job["id"].as_u64().unwrap().to_string();
     json(app.admin(&["jobs", "resume", &id, "--json"]), "resume cleanup");
@@ -294,16 +317,26 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
         .output()
         .expect("nbdinfo is required (bash .ci/setup installs it)");
     assert!(!gone.status.success(), "the test export is gone after cleanup");
-    assert!(!work.join("appliance/data/test-failover/m1/disk0").exists() || {
-        std::fs::read_dir(work.join("appliance/data/test-failover/m1/disk0"))
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(true)
-    });
+    assert!(
+        !work.join("appliance/data/test-failover/m1/disk0").exists() || {
+            std::fs::read_dir(work.join("appliance/data/test-failover/m1/disk0"))
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(true)
+        }
+    );
     assert_eq!(machine_state(&app, "m1"), "protected");
 
     // Refusals: unknown machine 404, unknown plan 404.
-    refused(app.admin(&["failover", "--machine", "nosuch", "--target-dir", "/tmp/x"]), "404", "unknown machine");
-    refused(app.admin(&["failover", "--plan", "nosuch", "--target-dir", "/tmp/x"]), "404", "unknown plan");
+    refused(
+        app.admin(&["failover", "--machine", "nosuch", "--target-dir", "/tmp/x"]),
+        "404",
+        "unknown machine",
+    );
+    refused(
+        app.admin(&["failover", "--plan", "nosuch", "--target-dir", "/tmp/x"]),
+        "404",
+        "unknown plan",
+    );
 
     // Failover of both machines to files at the group point: byte-exact, replication stopped.
     let fo = work.join("failover");
@@ -336,7 +369,10 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
         "409",
         "a second failover",
     );
-    json(app.admin(&["failover", "--commit", "--machine", "m1", "--machine", "m2", "--json"]), "commit");
+    json(
+        app.admin(&["failover", "--commit", "--machine", "m1", "--machine", "m2", "--json"]),
+        "commit",
+    );
     app.restart();
 
     // In the "cloud", the failed-over m1 ran on and wrote to its disk.
@@ -348,7 +384,14 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
     let expect_written = differing_blocks(&onprem, &cloud_m1);
     assert!(expect_written >= 6, "{expect_written}");
     let job = json(
-        app.admin(&["failback", "--machine", "m1", "--target", &format!("m1/disk0={}", d1.display()), "--json"]),
+        app.admin(&[
+            "failback",
+            "--machine",
+            "m1",
+            "--target",
+            &format!("m1/disk0={}", d1.display()),
+            "--json",
+        ]),
         "failback",
     );
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -365,6 +408,19 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
         s.bytes_sent > 0 && s.bytes_sent < (DISK_SIZE / 4) as u64,
         "only the differing blocks are sent: {s:?}"
     );
+    // Resynchronisation by hand: marked, kept across a restart, cleared by the next full sync.
+    ok(app.admin(&["machines", "resync", "m1"]), "machines resync");
+    app.restart();
+    assert_eq!(machine_state(&app, "m1"), "resync-required");
+    let s = app.sync("m1", &[&d1]);
+    assert_eq!(s.bytes_sent, 0, "nothing differs: {s:?}");
+    assert_eq!(machine_state(&app, "m1"), "protected");
+    refused(
+        app.admin(&["machines", "resync", "nosuch"]),
+        "404",
+        "resync of an unknown machine",
+    );
+
     let events = json(app.admin(&["events", "--json"]), "events");
     let kinds: BTreeSet<&str> = events
         .as_array()
@@ -372,9 +428,19 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    for k in ["job-paused", "failed-over", "failed-back", "job-succeeded"] {
+    for k in [
+        "job-paused",
+        "failed-over",
+        "failed-back",
+        "job-succeeded",
+        "resync-required",
+        "resynchronised",
+    ] {
         assert!(kinds.contains(k), "event {k} missing: {kinds:?}");
     }
     let metrics = app.metrics_text();
-    assert!(metrics.contains("lifeboat_jobs{kind=\"failback\",state=\"succeeded\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("lifeboat_jobs{kind=\"failback\",state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
 }

@@ -462,9 +462,7 @@ async fn policies_are_checked_durable_and_applied_per_machine() {
     assert!(err.contains("400") && err.contains("retention"), "{err}");
     let bad = app.admin(&["policy", "set", "fast", "--retention", "0s"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("retention"));
-    let ok = app.admin(
-        &["policy", "set", "fast", "--crash-consistent-interval", "1s", "--json"],
-    );
+    let ok = app.admin(&["policy", "set", "fast", "--crash-consistent-interval", "1s", "--json"]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let unknown = app.admin(&["policy", "assign", "--machine", "m1", "nosuch"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));

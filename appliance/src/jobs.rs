@@ -282,7 +282,10 @@ pub struct JobMetrics {
 impl JobMetrics {
     pub fn register(registry: &prometheus::Registry) -> Self {
         let jobs = prometheus::IntGaugeVec::new(
-            prometheus::Opts::new("lifeboat_jobs", "Jobs (failover, test failover, failback) by kind and state."),
+            prometheus::Opts::new(
+                "lifeboat_jobs",
+                "Jobs (failover, test failover, failback) by kind and state.",
+            ),
             &["kind", "state"],
         )
         .expect("metric");
@@ -300,6 +303,9 @@ impl JobMetrics {
     }
 }
 
+/// A running job's (done, total) bytes, shared with its copies.
+type Progress = (Arc<AtomicU64>, Arc<AtomicU64>);
+
 /// The job runner and the durable records of failovers and test failovers.
 pub struct Jobs {
     journal: Journal,
@@ -314,7 +320,7 @@ pub struct Jobs {
     /// Machine → the unfinished job that holds it.
     busy: Mutex<HashMap<String, u64>>,
     /// Live progress of running jobs: (done, total) bytes.
-    progress: Mutex<HashMap<u64, (Arc<AtomicU64>, Arc<AtomicU64>)>>,
+    progress: Mutex<HashMap<u64, Progress>>,
     /// Serialises read-modify-write of job records.
     write: tokio::sync::Mutex<()>,
 }
@@ -679,7 +685,10 @@ impl Jobs {
         let _w = self.write.lock().await;
         let mut job = self.get(id).await?;
         if job.state != JobState::Paused {
-            return Err(JobError::Conflict(format!("job {id} is {}, not paused", job.state.name())));
+            return Err(JobError::Conflict(format!(
+                "job {id} is {}, not paused",
+                job.state.name()
+            )));
         }
         if let Some(s) = job.steps.get_mut(job.step) {
             s.state = "done".into();
@@ -702,7 +711,13 @@ impl Jobs {
         });
     }
 
-    async fn post(&self, severity: Severity, kind: &'static str, machine: &str, message: String) -> Result<(), JobError> {
+    async fn post(
+        &self,
+        severity: Severity,
+        kind: &'static str,
+        machine: &str,
+        message: String,
+    ) -> Result<(), JobError> {
         let ev = self.events.clone();
         let m = machine.to_owned();
         tokio::task::spawn_blocking(move || ev.post(severity, kind, &m, message))
@@ -801,10 +816,7 @@ impl Jobs {
             .env("LIFEBOAT_PLAN", job.request.plan.clone().unwrap_or_default())
             .env("LIFEBOAT_MACHINES", job.plan.machines().join(","))
             .env("LIFEBOAT_STEP", (job.step + 1).to_string())
-            .env(
-                "LIFEBOAT_RESULTS",
-                serde_json::to_string(&job.results).expect("json"),
-            )
+            .env("LIFEBOAT_RESULTS", serde_json::to_string(&job.results).expect("json"))
             .kill_on_drop(true)
             .stdin(std::process::Stdio::null());
         let out = tokio::time::timeout(limit, cmd.output())
@@ -875,7 +887,11 @@ impl Jobs {
             let Some(c) = candidate else {
                 return Err(JobError::NotFound(format!(
                     "replication group {group:?} has no {} point shared by {members:?}",
-                    if selector == "latest" { "readable" } else { "app-consistent" }
+                    if selector == "latest" {
+                        "readable"
+                    } else {
+                        "app-consistent"
+                    }
                 )));
             };
             for (m, l) in members.iter().zip(&lists) {
@@ -908,11 +924,7 @@ impl Jobs {
         } else {
             BTreeMap::new()
         };
-        let step_bytes: u64 = machines
-            .iter()
-            .flat_map(|m| self.reader.disks(m))
-            .map(|d| d.size)
-            .sum();
+        let step_bytes: u64 = machines.iter().flat_map(|m| self.reader.disks(m)).map(|d| d.size).sum();
         if matches!(kind, JobKind::Failover | JobKind::Failback) {
             total.fetch_add(step_bytes, Ordering::Relaxed);
         }
@@ -926,7 +938,11 @@ impl Jobs {
                 JobKind::Failback => self.failback(job, m, points.get(m), done).await?,
             };
             lines.push(match kind {
-                JobKind::TestFailover => format!("{m}: point {} → {}", result.point.unwrap_or(0), result.exports.join(", ")),
+                JobKind::TestFailover => format!(
+                    "{m}: point {} → {}",
+                    result.point.unwrap_or(0),
+                    result.exports.join(", ")
+                ),
                 JobKind::Failback => format!(
                     "{m}: {} of {} blocks differed and were written",
                     result.blocks_written, result.blocks_compared
@@ -970,7 +986,12 @@ impl Jobs {
         Ok(names)
     }
 
-    async fn test_failover(self: &Arc<Self>, job: u64, machine: &str, point: &PointInfo) -> Result<MachineResult, JobError> {
+    async fn test_failover(
+        self: &Arc<Self>,
+        job: u64,
+        machine: &str,
+        point: &PointInfo,
+    ) -> Result<MachineResult, JobError> {
         let rec = TestFailoverRecord {
             job,
             point: point.id,
@@ -987,7 +1008,11 @@ impl Jobs {
             Severity::Info,
             "test-failover-started",
             machine,
-            format!("test failover of {machine} at point {}: {}", point.id, exports.join(", ")),
+            format!(
+                "test failover of {machine} at point {}: {}",
+                point.id,
+                exports.join(", ")
+            ),
         )
         .await?;
         Ok(MachineResult {
@@ -1002,9 +1027,10 @@ impl Jobs {
     async fn test_failover_cleanup(self: &Arc<Self>, machine: &str) -> Result<MachineResult, JobError> {
         let me = self.clone();
         let m = machine.to_owned();
-        let rec: Option<TestFailoverRecord> = tokio::task::spawn_blocking(move || me.get_record(&test_failover_key(&m)))
-            .await
-            .map_err(|e| JobError::Internal(e.to_string()))??;
+        let rec: Option<TestFailoverRecord> =
+            tokio::task::spawn_blocking(move || me.get_record(&test_failover_key(&m)))
+                .await
+                .map_err(|e| JobError::Internal(e.to_string()))??;
         let Some(rec) = rec else {
             // Already cleaned up (a resumed job): nothing left to do.
             return Ok(MachineResult {
@@ -1040,10 +1066,11 @@ impl Jobs {
     }
 
     fn target_of(req: &JobRequest, machine: &str, disk: &str) -> Option<PathBuf> {
-        req.targets
-            .get(&format!("{machine}/{disk}"))
-            .cloned()
-            .or_else(|| req.target_dir.as_ref().map(|d| d.join(machine).join(format!("{disk}.img"))))
+        req.targets.get(&format!("{machine}/{disk}")).cloned().or_else(|| {
+            req.target_dir
+                .as_ref()
+                .map(|d| d.join(machine).join(format!("{disk}.img")))
+        })
     }
 
     async fn failover(
@@ -1076,12 +1103,9 @@ impl Jobs {
                 .view(machine, &d.disk, point)
                 .map_err(|e| JobError::Internal(e.to_string()))?;
             let base = done.load(Ordering::Relaxed);
-            let progress = done.clone();
-            let stats = copy_view(Arc::new(view), &target, CopyMode::Full, move |n, _| {
-                progress.store(base + n, Ordering::Relaxed)
-            })
-            .await
-            .map_err(|e| JobError::Internal(format!("writing {}: {e}", target.display())))?;
+            let stats = copy_boxed(Arc::new(view), target.clone(), CopyMode::Full, done.clone(), base)
+                .await
+                .map_err(|e| JobError::Internal(format!("writing {}: {e}", target.display())))?;
             done.store(base + d.size, Ordering::Relaxed);
             result.bytes_written += stats.bytes_written;
             result.blocks_written += stats.blocks_written;
@@ -1103,7 +1127,10 @@ impl Jobs {
             Severity::Warning,
             "failed-over",
             machine,
-            format!("{machine} failed over to point {} ({}); replication stopped", point.id, point.time),
+            format!(
+                "{machine} failed over to point {} ({}); replication stopped",
+                point.id, point.time
+            ),
         )
         .await?;
         Ok(result)
@@ -1122,8 +1149,13 @@ impl Jobs {
         })
         .await
         .map_err(|e| JobError::Internal(e.to_string()))??;
-        self.post(Severity::Info, "failover-committed", machine, format!("failover of {machine} committed"))
-            .await?;
+        self.post(
+            Severity::Info,
+            "failover-committed",
+            machine,
+            format!("failover of {machine} committed"),
+        )
+        .await?;
         Ok(MachineResult {
             machine: machine.into(),
             point: Some(point),
@@ -1172,12 +1204,9 @@ impl Jobs {
                     }
                 };
                 let base = done.load(Ordering::Relaxed);
-                let progress = done.clone();
-                let stats = copy_view(source, &target, CopyMode::Differential, move |n, _| {
-                    progress.store(base + n, Ordering::Relaxed)
-                })
-                .await
-                .map_err(|e| JobError::Internal(format!("writing back {}: {e}", target.display())))?;
+                let stats = copy_boxed(source, target.clone(), CopyMode::Differential, done.clone(), base)
+                    .await
+                    .map_err(|e| JobError::Internal(format!("writing back {}: {e}", target.display())))?;
                 done.store(base + d.size, Ordering::Relaxed);
                 result.blocks_compared += stats.blocks_compared;
                 result.blocks_written += stats.blocks_written;
@@ -1207,6 +1236,19 @@ impl Jobs {
         .await?;
         Ok(result)
     }
+}
+
+/// `copy_view` with its progress added to the job's running total from `base`, as a boxed
+/// future: the job runner's future stays `Send` provable (rustc cannot see through the copy's
+/// stream of async blocks otherwise).
+fn copy_boxed(
+    view: Arc<dyn DiskView>,
+    target: PathBuf,
+    mode: CopyMode,
+    done: Arc<AtomicU64>,
+    base: u64,
+) -> BoxFuture<'static, io::Result<lifeboat_fs::copy::CopyStats>> {
+    Box::pin(async move { copy_view(view, &target, mode, move |n, _| done.store(base + n, Ordering::Relaxed)).await })
 }
 
 fn step_name(s: &PlanStep) -> String {

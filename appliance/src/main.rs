@@ -161,6 +161,14 @@ enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Tell the appliance this machine must resynchronise (e.g. from a boot script after an
+    /// unclean shutdown); the next sync compares every block and clears it.
+    ResyncRequired {
+        #[command(flatten)]
+        conn: Connection,
+        #[arg(long, default_value = "unclean shutdown")]
+        reason: String,
+    },
     /// Append an app-consistent bookmark (after quiescing applications) to the stream.
     Bookmark {
         #[command(flatten)]
@@ -350,6 +358,8 @@ async fn agent_sync(
         );
         bar.set_message(format!("syncing {}", conn.machine));
         let ask = asked.take();
+        // Any full sync compares every block; when the appliance asked for a resync, say so after.
+        let resync = agent.requests().await.ok().and_then(|r| r.resync);
         if ask.is_some() {
             QuiesceHooks::run("quiesce", &hooks.quiesce).await?;
         }
@@ -364,6 +374,12 @@ async fn agent_sync(
             QuiesceHooks::run("thaw", &hooks.thaw).await?;
         }
         let summary = synced?;
+        if let Some(why) = resync {
+            agent.report_resync("done", "").await?;
+            if !json {
+                println!("resynchronised {} ({why})", conn.machine);
+            }
+        }
         if json {
             println!("{}", serde_json::to_string(&summary)?);
         } else {
@@ -387,7 +403,10 @@ async fn agent_sync(
         }
         match bookmarked {
             Some(Ok(ack)) if json => println!("{}", serde_json::json!({ "app_consistent_point": ack.point })),
-            Some(Ok(ack)) => println!("app-consistent point {} (requested by the appliance)", ack.point.unwrap_or(0)),
+            Some(Ok(ack)) => println!(
+                "app-consistent point {} (requested by the appliance)",
+                ack.point.unwrap_or(0)
+            ),
             // A failed request is the appliance's to report (an event); replication goes on.
             Some(Err(e)) => tracing::warn!(error = %e, "requested app-consistent bookmark failed"),
             None => {}
@@ -627,6 +646,11 @@ fn main() -> ExitCode {
                 hooks,
                 json,
             }) => agent_sync(conn, disks, watch, hooks, json).await,
+            Command::Agent(AgentCommand::ResyncRequired { conn, reason }) => {
+                connect(&conn).await?.report_resync("required", &reason).await?;
+                println!("{} marked resync-required: {reason}", conn.machine);
+                Ok(())
+            }
             Command::Agent(AgentCommand::Bookmark { conn, label, json }) => {
                 let agent = connect(&conn).await?;
                 let ack = agent.bookmark(&label).await?;

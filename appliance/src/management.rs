@@ -297,8 +297,9 @@ pub struct DiskInfo {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MachineInfo {
     pub machine: String,
-    /// `initial-sync` (no recovery point yet), `protected`, `test-failover` (protected, with
-    /// writable test exports open) or `failed-over` (replication stopped until failback).
+    /// `initial-sync` (no recovery point yet), `protected`, `resync-required` (the next sync
+    /// compares every block), `test-failover` (protected, with writable test exports open) or
+    /// `failed-over` (replication stopped until failback).
     #[serde(default)]
     pub state: String,
     #[serde(default)]
@@ -331,8 +332,11 @@ async fn machines(State(s): State<Arc<ManagementState>>, headers: HeaderMap) -> 
             .into_iter()
             .map(|m| {
                 let latest_point = r.points(&m).ok().and_then(|p| p.first().map(|p| p.id));
+                let resync = ops.as_ref().and_then(|o| o.coordinator.resync_required(&m));
                 let state = if failed.contains(&m) {
                     "failed-over"
+                } else if resync.is_some() {
+                    "resync-required"
                 } else if testing.contains(&m) {
                     "test-failover"
                 } else if latest_point.is_some() {
@@ -495,6 +499,12 @@ impl Client {
     pub async fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
         self.call(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
+    }
+
+    /// POST without a body, answer without one.
+    pub async fn post_empty(&self, path: &str) -> anyhow::Result<()> {
+        self.send(self.http.post(format!("{}{path}", self.base))).await?;
+        Ok(())
     }
 
     /// DELETE; the answer has no body.

@@ -14,6 +14,7 @@
 //! | GET | `/api/jobs/ID` | one job, with live progress |
 //! | POST | `/api/jobs/ID/resume` | resume a paused job |
 //! | GET | `/api/events?after=ID&limit=N&machine=M` | the event log, oldest first |
+//! | POST | `/api/machines/M/resync` | mark M resync-required (202); its next sync compares every block |
 //! | POST | `/api/machines/M/bookmark` | ask M's agent (its group's agents) for an app-consistent point |
 
 use std::sync::Arc;
@@ -276,8 +277,28 @@ async fn process_servers(
     }]))
 }
 
+/// Marks a machine resync-required by hand; its agent's next sync compares every block.
+async fn resync(
+    State(s): State<Arc<ManagementState>>,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, Failure> {
+    authorize(&s, &headers)?;
+    let co = ops(&s)?.coordinator.clone();
+    if s.reader.as_ref().is_none_or(|r| r.disks(&machine).is_empty()) {
+        return Err(error(StatusCode::NOT_FOUND, format!("unknown machine {machine:?}")));
+    }
+    off_reactor(move || {
+        co.require_resync(&machine, "requested by the operator")
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    })
+    .await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
 pub fn routes() -> Router<Arc<ManagementState>> {
     Router::new()
+        .route("/api/machines/{machine}/resync", post(resync))
         .route("/api/agents", get(agents))
         .route("/api/process-servers", get(process_servers))
         .route("/api/groups", get(list_groups))

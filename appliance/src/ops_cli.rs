@@ -26,6 +26,13 @@ pub enum MachinesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Mark a machine resync-required: its agent's next sync compares every block with the
+    /// appliance's checksums and sends what differs.
+    Resync {
+        #[command(flatten)]
+        conn: AdminConnection,
+        machine: String,
+    },
     /// Ask a machine's agent (all agents of its replication group) for an app-consistent point now.
     Bookmark {
         #[command(flatten)]
@@ -221,7 +228,10 @@ pub async fn machines(cmd: MachinesCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&list);
             }
-            println!("{:<20} {:<14} {:<12} {:<12} {:>8}  disks", "MACHINE", "STATE", "POLICY", "GROUP", "POINT");
+            println!(
+                "{:<20} {:<14} {:<12} {:<12} {:>8}  disks",
+                "MACHINE", "STATE", "POLICY", "GROUP", "POINT"
+            );
             for m in list {
                 let disks: Vec<String> = m
                     .disks
@@ -238,6 +248,13 @@ pub async fn machines(cmd: MachinesCommand) -> anyhow::Result<()> {
                     disks.join(", ")
                 );
             }
+            Ok(())
+        }
+        MachinesCommand::Resync { conn, machine } => {
+            Client::connect(&conn)?
+                .post_empty(&format!("/api/machines/{machine}/resync"))
+                .await?;
+            println!("{machine} marked resync-required; its next sync compares every block");
             Ok(())
         }
         MachinesCommand::Bookmark {
@@ -272,7 +289,12 @@ pub async fn group(cmd: GroupCommand) -> anyhow::Result<()> {
                 return print_json(&list);
             }
             for g in list {
-                println!("{:<20} policy {:<12} {}", g.name, g.group.policy, g.group.machines.join(", "));
+                println!(
+                    "{:<20} policy {:<12} {}",
+                    g.name,
+                    g.group.policy,
+                    g.group.machines.join(", ")
+                );
             }
             Ok(())
         }
@@ -322,8 +344,11 @@ pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
         }
         PlanCommand::Set { conn, name, file, json } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let plan: Plan = serde_json::from_str(&text).with_context(|| format!("{} is not a plan", file.display()))?;
-            let saved: NamedPlan = Client::connect(&conn)?.put(&format!("/api/plans/{name}"), &plan).await?;
+            let plan: Plan =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a plan", file.display()))?;
+            let saved: NamedPlan = Client::connect(&conn)?
+                .put(&format!("/api/plans/{name}"), &plan)
+                .await?;
             if json {
                 return print_json(&saved);
             }
@@ -401,9 +426,11 @@ async fn follow(client: &Client, mut job: Job, wait: &WaitArgs) -> anyhow::Resul
             ProgressBar::new(0)
         };
         bar.set_style(
-            ProgressStyle::with_template("{spinner} job {msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner} job {msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         while job.state == JobState::Running {
             bar.set_length(job.progress_total_bytes);

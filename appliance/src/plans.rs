@@ -100,8 +100,7 @@ impl Plan {
                         return Err(invalid(i, "command", "empty".into()));
                     }
                     if let Some(t) = timeout {
-                        humantime::parse_duration(t)
-                            .map_err(|e| invalid(i, "timeout", format!("{t:?}: {e}")))?;
+                        humantime::parse_duration(t).map_err(|e| invalid(i, "timeout", format!("{t:?}: {e}")))?;
                     }
                 }
                 PlanStep::Pause { .. } => {}

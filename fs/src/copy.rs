@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 
 use crate::view::{DiskView, Extent};
 
@@ -85,23 +85,22 @@ pub async fn copy_view(
     let done = AtomicU64::new(0);
     progress(0, size);
 
-    let windows = (0..size.div_ceil(EXTENT_WINDOW)).map(|w| (w * EXTENT_WINDOW, ((w + 1) * EXTENT_WINDOW).min(size)));
-    let jobs = futures::stream::iter(windows)
-        .then(|(ws, we)| {
-            let view = view.clone();
-            async move {
-                let extents = view.extents(ws, we - ws).await?;
-                Ok::<_, io::Error>(futures::stream::iter(jobs(ws, we, &extents).into_iter().map(Ok)))
-            }
-        })
-        .try_flatten();
+    // The extents first (metadata only, window by window), then the copy, pipelined. Plain
+    // values between the two stages keep callers' futures provably `Send`.
+    let mut work = Vec::new();
+    for w in 0..size.div_ceil(EXTENT_WINDOW) {
+        let (ws, we) = (w * EXTENT_WINDOW, ((w + 1) * EXTENT_WINDOW).min(size));
+        let extents = view.extents(ws, we - ws).await?;
+        work.extend(jobs(ws, we, &extents));
+    }
+    let jobs = futures::stream::iter(work.into_iter().map(Ok::<_, io::Error>));
     let mut stats = jobs
         .map_ok(|job| copy_chunk(view.clone(), file.clone(), job, mode, fresh_from))
         .try_buffer_unordered(IN_FLIGHT)
         .try_fold(CopyStats::default(), |mut stats, (len, chunk)| {
             stats.add(&chunk);
             progress(done.fetch_add(len, Ordering::Relaxed) + len, size);
-            async move { Ok(stats) }
+            futures::future::ready(Ok(stats))
         })
         .await?;
     stats.bytes_total = size;

@@ -259,6 +259,18 @@ impl Agent {
         resp.json().await.map_err(|e| describe(&e, &self.cfg.server))
     }
 
+    /// Tells the appliance that this machine must resynchronise (`required`, with a reason) or
+    /// that a full comparison sync finished (`done`).
+    pub async fn report_resync(&self, status: &str, reason: &str) -> Result<(), AgentError> {
+        let url = self.url("resync");
+        let req = crate::server::ResyncReport {
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+        };
+        self.send_retrying(|| self.http.post(&url).json(&req)).await?;
+        Ok(())
+    }
+
     /// What the server asks of this agent now (a scheduled app-consistent bookmark).
     pub async fn requests(&self) -> Result<crate::consistency::AgentRequests, AgentError> {
         let url = self.url("requests");

@@ -31,6 +31,10 @@ pub struct AgentRequests {
     /// Take an app-consistent bookmark: quiesce, sync, send a bookmark with this request id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bookmark: Option<BookmarkAsk>,
+    /// Resynchronise: compare every block with the appliance's checksums, send what differs,
+    /// then report `resynced`. The reason is shown to the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +47,9 @@ pub struct BookmarkAsk {
 pub enum BookmarkError {
     #[error(transparent)]
     Journal(#[from] JournalError),
-    #[error("replication group {group:?}: no bookmark from {missing:?} within {timeout:?}; the group point was not cut")]
+    #[error(
+        "replication group {group:?}: no bookmark from {missing:?} within {timeout:?}; the group point was not cut"
+    )]
     BarrierTimeout {
         group: String,
         missing: Vec<String>,
@@ -88,31 +94,68 @@ pub struct Coordinator {
     state: Mutex<State>,
     /// Machines whose replication is stopped (failed over), with the reason; mirrored in RocksDB.
     stopped: std::sync::RwLock<HashMap<String, String>>,
+    /// Machines marked resync-required, with the reason; mirrored in RocksDB.
+    resync: std::sync::RwLock<HashMap<String, String>>,
 }
 
 fn stopped_key(machine: &str) -> Vec<u8> {
     format!("replication-stopped/{machine}").into_bytes()
 }
 
+fn resync_key(machine: &str) -> Vec<u8> {
+    format!("resync-required/{machine}").into_bytes()
+}
+
+/// Every `PREFIX<machine>` → value in the meta column family.
+fn load_flags(journal: &Journal, prefix: &[u8]) -> HashMap<String, String> {
+    let db = journal.db();
+    let meta = db.cf_handle(journal::CF_META).expect("meta cf");
+    let mut out = HashMap::new();
+    for (k, v) in db.prefix_iterator_cf(meta, prefix).flatten() {
+        if !k.starts_with(prefix) {
+            break;
+        }
+        out.insert(
+            String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+            String::from_utf8_lossy(&v).into_owned(),
+        );
+    }
+    out
+}
+
+/// Sets (`Some`) or clears a machine flag durably, then in `map`.
+fn set_flag(
+    journal: &Journal,
+    map: &std::sync::RwLock<HashMap<String, String>>,
+    key: Vec<u8>,
+    machine: &str,
+    value: Option<&str>,
+) -> Result<(), JournalError> {
+    let db = journal.db();
+    let meta = db.cf_handle(journal::CF_META).expect("meta cf");
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    match value {
+        Some(v) => {
+            db.put_cf_opt(meta, key, v.as_bytes(), &wo)?;
+            map.write().expect("lock").insert(machine.into(), v.into());
+        }
+        None => {
+            db.delete_cf_opt(meta, key, &wo)?;
+            map.write().expect("lock").remove(machine);
+        }
+    }
+    Ok(())
+}
+
 impl Coordinator {
     /// Reads the stopped machines from RocksDB (a short blocking read at start).
     pub fn new(policies: Policies, events: Events) -> Arc<Self> {
-        let mut stopped = HashMap::new();
-        {
-            let db = policies.journal().db();
-            let meta = db.cf_handle(journal::CF_META).expect("meta cf");
-            for (k, v) in db.prefix_iterator_cf(meta, b"replication-stopped/").flatten() {
-                if !k.starts_with(b"replication-stopped/") {
-                    break;
-                }
-                stopped.insert(
-                    String::from_utf8_lossy(&k[20..]).into_owned(),
-                    String::from_utf8_lossy(&v).into_owned(),
-                );
-            }
-        }
+        let stopped = load_flags(policies.journal(), b"replication-stopped/");
+        let resync = load_flags(policies.journal(), b"resync-required/");
         Arc::new(Self {
             stopped: std::sync::RwLock::new(stopped),
+            resync: std::sync::RwLock::new(resync),
             journal: policies.journal().clone(),
             groups: Groups::new(policies.clone()),
             policies,
@@ -135,23 +178,50 @@ impl Coordinator {
 
     /// Stops accepting `machine`'s writes (failover); durable before it returns (blocking).
     pub fn stop_replication(&self, machine: &str, reason: &str) -> Result<(), JournalError> {
-        let db = self.journal.db();
-        let meta = db.cf_handle(journal::CF_META).expect("meta cf");
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        db.put_cf_opt(meta, stopped_key(machine), reason.as_bytes(), &wo)?;
-        self.stopped.write().expect("lock").insert(machine.into(), reason.into());
-        Ok(())
+        set_flag(
+            &self.journal,
+            &self.stopped,
+            stopped_key(machine),
+            machine,
+            Some(reason),
+        )
     }
 
     /// Accepts `machine`'s writes again (re-protect after failback); durable (blocking).
     pub fn resume_replication(&self, machine: &str) -> Result<(), JournalError> {
-        let db = self.journal.db();
-        let meta = db.cf_handle(journal::CF_META).expect("meta cf");
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        db.delete_cf_opt(meta, stopped_key(machine), &wo)?;
-        self.stopped.write().expect("lock").remove(machine);
+        set_flag(&self.journal, &self.stopped, stopped_key(machine), machine, None)
+    }
+
+    /// Why `machine` must resynchronise, if it must.
+    pub fn resync_required(&self, machine: &str) -> Option<String> {
+        self.resync.read().expect("lock").get(machine).cloned()
+    }
+
+    /// Marks `machine` resync-required (disk resized, agent-reported unclean shutdown, or an
+    /// operator's request) and posts an event; durable (blocking).
+    pub fn require_resync(&self, machine: &str, reason: &str) -> Result<(), JournalError> {
+        set_flag(&self.journal, &self.resync, resync_key(machine), machine, Some(reason))?;
+        self.events.post(
+            Severity::Warning,
+            "resync-required",
+            machine,
+            format!("{machine} must resynchronise: {reason}"),
+        )?;
+        Ok(())
+    }
+
+    /// The agent compared every block and sent what differed: protected again (blocking).
+    pub fn resync_done(&self, machine: &str) -> Result<(), JournalError> {
+        if self.resync_required(machine).is_none() {
+            return Ok(());
+        }
+        set_flag(&self.journal, &self.resync, resync_key(machine), machine, None)?;
+        self.events.post(
+            Severity::Info,
+            "resynchronised",
+            machine,
+            format!("{machine} resynchronised: every block compared, the differences sent"),
+        )?;
         Ok(())
     }
 
@@ -189,7 +259,10 @@ impl Coordinator {
                 request: p.id,
                 label: p.label.clone(),
             });
-        Ok(AgentRequests { bookmark })
+        Ok(AgentRequests {
+            bookmark,
+            resync: self.resync_required(machine),
+        })
     }
 
     /// Asks for an app-consistent point of `machine`'s unit now (the schedule does this on its
@@ -293,7 +366,11 @@ impl Coordinator {
             Err(_) => {
                 let mut st = self.state.lock().await;
                 let missing = match st.pending.get(&unit) {
-                    Some(p) => with_disks.iter().filter(|m| !p.arrived.contains_key(*m)).cloned().collect(),
+                    Some(p) => with_disks
+                        .iter()
+                        .filter(|m| !p.arrived.contains_key(*m))
+                        .cloned()
+                        .collect(),
                     None => Vec::new(),
                 };
                 st.pending.remove(&unit);
@@ -303,13 +380,26 @@ impl Coordinator {
                     missing,
                     timeout: GROUP_BARRIER_TIMEOUT,
                 };
-                let _ = self.post(Severity::Warning, "app-consistent-point-missed", machine, err.to_string()).await;
+                let _ = self
+                    .post(
+                        Severity::Warning,
+                        "app-consistent-point-missed",
+                        machine,
+                        err.to_string(),
+                    )
+                    .await;
                 Err(err)
             }
         }
     }
 
-    async fn post(&self, severity: Severity, kind: &'static str, machine: &str, message: String) -> Result<(), BookmarkError> {
+    async fn post(
+        &self,
+        severity: Severity,
+        kind: &'static str,
+        machine: &str,
+        message: String,
+    ) -> Result<(), BookmarkError> {
         let ev = self.events.clone();
         let m = machine.to_owned();
         tokio::task::spawn_blocking(move || ev.post(severity, kind, &m, message))
@@ -405,10 +495,14 @@ impl Coordinator {
         };
         for (unit, id) in expired {
             let (who, message) = match &unit {
-                Unit::Group(g) => (String::new(), format!("group {g:?}: no agent answered app-consistent request {id}")),
+                Unit::Group(g) => (
+                    String::new(),
+                    format!("group {g:?}: no agent answered app-consistent request {id}"),
+                ),
                 Unit::Machine(m) => (m.clone(), format!("no agent answered app-consistent request {id}")),
             };
-            self.post(Severity::Warning, "app-consistent-point-missed", &who, message).await?;
+            self.post(Severity::Warning, "app-consistent-point-missed", &who, message)
+                .await?;
         }
         Ok(())
     }

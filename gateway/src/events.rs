@@ -69,7 +69,13 @@ impl Events {
     }
 
     /// Records an event (and logs it); durable before it returns.
-    pub fn post(&self, severity: Severity, kind: &str, machine: &str, message: impl Into<String>) -> Result<Event, JournalError> {
+    pub fn post(
+        &self,
+        severity: Severity,
+        kind: &str,
+        machine: &str,
+        message: impl Into<String>,
+    ) -> Result<Event, JournalError> {
         let message = message.into();
         match severity {
             Severity::Info => tracing::info!(kind, machine, "{message}"),
@@ -127,7 +133,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let ev = Events::open(Journal::open(dir.path(), 1 << 30).unwrap()).unwrap();
-            ev.post(Severity::Warning, "rpo-threshold-exceeded", "m1", "RPO 20m over 15m").unwrap();
+            ev.post(Severity::Warning, "rpo-threshold-exceeded", "m1", "RPO 20m over 15m")
+                .unwrap();
             ev.post(Severity::Info, "job-succeeded", "", "job 1 done").unwrap();
         }
         let ev = Events::open(Journal::open(dir.path(), 1 << 30).unwrap()).unwrap();

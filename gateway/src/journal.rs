@@ -562,9 +562,10 @@ impl Journal {
         .map_err(|_| JournalError::Stopped)??;
         let disks = self.disks();
         let changed = lasts.iter().any(|(m, last)| {
-            disks.iter().filter(|d| &d.machine == m).any(|d| {
-                d.next_seq - 1 > last.as_ref().and_then(|p| p.seqs.get(&d.disk)).copied().unwrap_or(0)
-            })
+            disks
+                .iter()
+                .filter(|d| &d.machine == m)
+                .any(|d| d.next_seq - 1 > last.as_ref().and_then(|p| p.seqs.get(&d.disk)).copied().unwrap_or(0))
         });
         if !changed {
             return Ok(None);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! agent ──batches (HTTPS)──▶ server ──prepare (decode, CRC, block checksums)──▶ journal writer thread
-//!                                                    group commit: one WriteBatch + WAL fsync, then ack
+//!                                                    group commit: payload log fdatasync + one synced WriteBatch, then ack
 //! journal ──uploader──▶ segment (zstd + AES-256-GCM chunks, sealed index) ──▶ blob store ──▶ replay
 //! ```
 //!
@@ -16,6 +16,8 @@
 //! - [`replay`]: blob store → image at any sequence number; [`rebuild`]: the catalogue from blob
 //!   storage alone, for a new appliance after a disaster.
 //! - [`server`] and [`agent`]: the two ends of the ingest API.
+//! - [`groups`], [`consistency`], [`events`]: replication groups, the point schedule (crash
+//!   points, app-consistent bookmark requests, group barriers) and the event log.
 
 pub mod agent;
 pub mod blob;

@@ -231,6 +231,7 @@ pub fn router(state: Arc<IngestState>) -> Router {
         .route("/v1/machines/{machine}/batches", post(batch))
         .route("/v1/machines/{machine}/bookmarks", post(bookmark))
         .route("/v1/machines/{machine}/requests", get(requests))
+        .route("/v1/machines/{machine}/resync", post(agent_resync))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
         .layer(axum::middleware::from_fn(refuse_oversized))
         .with_state(state)
@@ -414,6 +415,17 @@ async fn register_disk(
             next_seq: d.next_seq,
         }));
     }
+    if let Some(d) = &existing {
+        // A resized disk: blocks may have moved under the agent; compare everything again.
+        let co = s.coordinator.clone();
+        let (m, why) = (
+            machine.clone(),
+            format!("disk {disk} resized from {} to {} bytes", d.size, req.size),
+        );
+        tokio::task::spawn_blocking(move || co.require_resync(&m, &why))
+            .await
+            .expect("resync flag")?;
+    }
     let key_id = match existing {
         Some(d) => d.key_id,
         None => {
@@ -575,6 +587,45 @@ pub struct BookmarkRequest {
     /// The server's request this bookmark answers (from `GET .../requests`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<u64>,
+}
+
+/// The agent's resynchronisation report.
+#[derive(Serialize, Deserialize)]
+pub struct ResyncReport {
+    /// `required` (e.g. the agent found it was shut down uncleanly: its change tracking is lost)
+    /// or `done` (it compared every block and sent what differed).
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+async fn agent_resync(
+    State(s): State<Arc<IngestState>>,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<ResyncReport>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&s, &headers, &machine).await?;
+    let co = s.coordinator.clone();
+    let r = match req.status.as_str() {
+        "required" => {
+            let why = if req.reason.is_empty() {
+                "reported by the agent".to_string()
+            } else {
+                format!("reported by the agent: {}", req.reason)
+            };
+            tokio::task::spawn_blocking(move || co.require_resync(&machine, &why)).await
+        }
+        "done" => tokio::task::spawn_blocking(move || co.resync_done(&machine)).await,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("status {other:?}: expected required or done"),
+            ))
+        }
+    };
+    r.expect("resync flag")?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// What the server asks of the agent (an app-consistent bookmark on the policy's schedule).
