@@ -718,11 +718,7 @@ impl Jobs {
         machine: &str,
         message: String,
     ) -> Result<(), JobError> {
-        let ev = self.events.clone();
-        let m = machine.to_owned();
-        tokio::task::spawn_blocking(move || ev.post(severity, kind, &m, message))
-            .await
-            .map_err(|e| JobError::Internal(e.to_string()))??;
+        self.events.post_async(severity, kind, machine, message).await?;
         Ok(())
     }
 
@@ -1094,9 +1090,13 @@ impl Jobs {
         };
         for d in self.reader.disks(machine) {
             let target = Self::target_of(&job.request, machine, &d.disk).expect("checked at submit");
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| JobError::Internal(format!("creating {}: {e}", parent.display())))?;
+            if let Some(parent) = target.parent().map(Path::to_owned) {
+                tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&parent)
+                        .map_err(|e| JobError::Internal(format!("creating {}: {e}", parent.display())))
+                })
+                .await
+                .map_err(|e| JobError::Internal(e.to_string()))??;
             }
             let view = self
                 .reader
@@ -1198,9 +1198,15 @@ impl Jobs {
                         let copy = rec.targets.get(&d.disk).ok_or_else(|| {
                             JobError::Internal(format!("the failover of {machine} wrote no copy of {}", d.disk))
                         })?;
-                        Arc::new(FileView::open(copy).map_err(|e| {
-                            JobError::Internal(format!("opening the failed-over copy {}: {e}", copy.display()))
-                        })?)
+                        let copy = copy.clone();
+                        let view = tokio::task::spawn_blocking(move || {
+                            FileView::open(&copy).map_err(|e| {
+                                JobError::Internal(format!("opening the failed-over copy {}: {e}", copy.display()))
+                            })
+                        })
+                        .await
+                        .map_err(|e| JobError::Internal(e.to_string()))??;
+                        Arc::new(view)
                     }
                 };
                 let base = done.load(Ordering::Relaxed);

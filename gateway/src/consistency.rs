@@ -149,7 +149,7 @@ fn set_flag(
 }
 
 impl Coordinator {
-    /// Reads the stopped machines from RocksDB (a short blocking read at start).
+    /// Reads the machine flags from RocksDB: blocking, call it off the async runtime.
     pub fn new(policies: Policies, events: Events) -> Arc<Self> {
         let stopped = load_flags(policies.journal(), b"replication-stopped/");
         let resync = load_flags(policies.journal(), b"resync-required/");
@@ -400,11 +400,7 @@ impl Coordinator {
         machine: &str,
         message: String,
     ) -> Result<(), BookmarkError> {
-        let ev = self.events.clone();
-        let m = machine.to_owned();
-        tokio::task::spawn_blocking(move || ev.post(severity, kind, &m, message))
-            .await
-            .map_err(|e| BookmarkError::Store(e.to_string()))??;
+        self.events.post_async(severity, kind, machine, message).await?;
         Ok(())
     }
 

@@ -104,6 +104,21 @@ impl Events {
         Ok(event)
     }
 
+    /// [`Events::post`] from async code: the synced write runs on a blocking thread.
+    pub async fn post_async(
+        &self,
+        severity: Severity,
+        kind: &'static str,
+        machine: &str,
+        message: String,
+    ) -> Result<Event, JournalError> {
+        let ev = self.clone();
+        let m = machine.to_owned();
+        tokio::task::spawn_blocking(move || ev.post(severity, kind, &m, message))
+            .await
+            .map_err(|_| JournalError::Stopped)?
+    }
+
     /// Events with id > `after`, oldest first, at most `limit`; `machine` filters when not empty.
     pub fn list(&self, after: u64, limit: usize, machine: &str) -> Result<Vec<Event>, JournalError> {
         let db = self.journal.db();

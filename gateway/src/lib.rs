@@ -141,7 +141,8 @@ impl ProcessServer {
         let j = journal.clone();
         let events = tokio::task::spawn_blocking(move || events::Events::open(j)).await??;
         metrics.use_policies(policies.clone(), events.clone());
-        let coordinator = consistency::Coordinator::new(policies.clone(), events.clone());
+        let (p, e) = (policies.clone(), events.clone());
+        let coordinator = tokio::task::spawn_blocking(move || consistency::Coordinator::new(p, e)).await?;
         let points = tokio::spawn(coordinator.clone().run(shutdown));
         let ingest = server::IngestState::new(
             journal.clone(),

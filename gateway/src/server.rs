@@ -93,7 +93,14 @@ impl IngestState {
     fn put_agent(&self, info: &AgentInfo) -> Result<(), JournalError> {
         let db = self.journal.db();
         let meta = db.cf_handle(journal::CF_META).expect("meta cf");
-        db.put_cf(meta, agent_key(&info.machine), serde_json::to_vec(info).expect("json"))?;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        db.put_cf_opt(
+            meta,
+            agent_key(&info.machine),
+            serde_json::to_vec(info).expect("json"),
+            &wo,
+        )?;
         Ok(())
     }
 
