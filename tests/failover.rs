@@ -444,3 +444,198 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
         "{metrics}"
     );
 }
+
+fn process_servers(app: &Appliance) -> serde_json::Value {
+    json(
+        app.admin(&["process-servers", "list", "--json"]),
+        "process-servers list",
+    )
+}
+
+fn process_server<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    list.as_array()?.iter().find(|p| p["name"] == name)
+}
+
+/// Waits until the config server's view of process server `name` satisfies `pred`.
+fn wait_process_server(app: &Appliance, name: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = process_servers(app);
+        if process_server(&list, name).is_some_and(&pred) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process server {name}: {what}; list: {list:#}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Scale-out: a process-server-only appliance registers with the config server (passphrase,
+/// then its own token) and sends heartbeats; a machine assigned to it has its agent redirected
+/// there by the config server's process server; its data reaches the shared blob storage
+/// through the scale-out process server; registration and assignment survive a config server
+/// restart; a stopped process server shows up as unreachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_out_process_server_takes_the_machines_assigned_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let blob = BlobTarget::Local(work.join("blob"));
+    let mut cs = Appliance::start(&work.join("config-server"), &blob, "");
+    // Process servers know the config server by address: keep its management port on restarts.
+    let text = std::fs::read_to_string(&cs.config).unwrap();
+    std::fs::write(
+        &cs.config,
+        text.replace(
+            "management = \"127.0.0.1:0\"",
+            &format!("management = \"{}\"", cs.management),
+        ),
+    )
+    .unwrap();
+    let ps2_toml = format!(
+        "roles = [\"process\"]\n[config_server]\nurl = \"https://{}\"\nca = \"{}\"\nname = \"ps2\"\nheartbeat_interval = \"500ms\"\n",
+        cs.management,
+        cs.cert.display()
+    );
+    let mut ps2 = Appliance::start(&work.join("ps2"), &blob, &ps2_toml);
+    wait_process_server(&cs, "ps2", "registered and reachable", |p| p["state"] == "ok");
+    let list = process_servers(&cs);
+    let local = process_server(&list, "local").expect("the local process server is listed");
+    assert_eq!(local["local"], true);
+    assert_eq!(
+        process_server(&list, "ps2").unwrap()["address"].as_str(),
+        Some(ps2.replication.as_str())
+    );
+
+    // Unknown process server or wrong credentials: refused with the reason.
+    refused(
+        cs.admin(&["process-servers", "assign", "m2", "nope"]),
+        "404",
+        "assign to an unknown process server",
+    );
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&cs.cert).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let base = format!("https://{}", cs.management);
+    let wrong = http
+        .post(format!("{base}/api/process-servers/register"))
+        .json(
+            &serde_json::json!({"name": "ps3", "address": "127.0.0.1:1", "passphrase": "wrong",
+            "certificate_pem": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401, "registration with a wrong passphrase");
+    let forged = http
+        .put(format!("{base}/api/process-servers/ps2/heartbeat"))
+        .bearer_auth("0".repeat(64))
+        .json(&serde_json::json!({"cache_used_bytes": 0, "cache_limit_bytes": 0, "machines": ["evil"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401, "heartbeat with a forged token");
+
+    // m1 stays on the config server's process server; m2 goes to ps2.
+    ok(cs.admin(&["process-servers", "assign", "m2", "ps2"]), "assign m2");
+    let (d1, d2) = (work.join("m1-disk0.img"), work.join("m2-disk0.img"));
+    make_disk(&d1, 11);
+    let disk2 = make_disk(&d2, 12);
+    cs.sync("m1", &[&d1]);
+    // The agent is given the config server's process server; it is sent on to ps2.
+    let s2 = cs.sync("m2", &[&d2]);
+    wait_process_server(&cs, "ps2", "reports m2", |p| {
+        p["machines"] == serde_json::json!(["m2"]) && p["assigned"] == serde_json::json!(["m2"])
+    });
+    let list = process_servers(&cs);
+    assert_eq!(
+        process_server(&list, "local").unwrap()["machines"],
+        serde_json::json!(["m1"]),
+        "m2 never reached the config server's own cache"
+    );
+    let agents = json(cs.admin(&["agents", "--json"]), "agents");
+    let agent_machines: Vec<&str> = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["machine"].as_str())
+        .collect();
+    assert_eq!(agent_machines, ["m1"], "m2's agent registered at ps2, not here");
+    // ps2 wrote m2's log to the shared blob storage: it replays byte for byte.
+    let store = blob.store();
+    wait_uploaded(
+        store.as_ref(),
+        "m2",
+        "disk0",
+        s2.disks[0].last_seq,
+        Duration::from_secs(60),
+    )
+    .await;
+    let replayed = replay(
+        store.as_ref(),
+        "m2",
+        "disk0",
+        DISK_SIZE as u64,
+        None,
+        &work.join("m2-replayed.img"),
+    )
+    .await;
+    assert_same_image(&replayed, &disk2, "m2 replicated through ps2");
+
+    // The registry and the assignment are durable on the config server.
+    cs.restart();
+    let list = process_servers(&cs);
+    assert_eq!(
+        process_server(&list, "ps2").map(|p| p["assigned"].clone()),
+        Some(serde_json::json!(["m2"]))
+    );
+    // ps2 keeps its token across the config server's restart and goes on reporting.
+    let seen = process_server(&list, "ps2").unwrap()["last_seen_ms"].as_u64().unwrap();
+    wait_process_server(&cs, "ps2", "heartbeats after the config server restarted", |p| {
+        p["last_seen_ms"].as_u64().unwrap() > seen && p["state"] == "ok"
+    });
+
+    // A stopped process server is reported unreachable; started again, it is back.
+    ps2.stop();
+    wait_process_server(&cs, "ps2", "unreachable once stopped", |p| p["state"] == "unreachable");
+    ps2.restart();
+    wait_process_server(&cs, "ps2", "reachable again", |p| p["state"] == "ok");
+    // Back to the config server's own process server. Its cache never saw m2, but blob storage
+    // holds m2's log through ps2: issuing sequence numbers from 1 again would overwrite it, so
+    // the disk is refused with the way out, and m2 is marked resync-required.
+    ok(
+        cs.admin(&["process-servers", "assign", "m2", "local"]),
+        "assign m2 back",
+    );
+    let out = cs.agent("sync", "m2").arg("--disk").arg(&d2).output().unwrap();
+    let err = refused(out, "409", "sync of a moved machine before its log is adopted");
+    assert!(err.contains("index rebuild"), "{err}");
+    let events = json(cs.admin(&["events", "--machine", "m2", "--json"]), "events");
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "resync-required"),
+        "{events:#}"
+    );
+    // Adopt the log (stopped appliance), then the sync compares against what ps2 replicated:
+    // nothing to send, and the resync is done.
+    cs.stop();
+    rebuild_index(&cs);
+    cs.restart();
+    let again = cs.sync("m2", &[&d2]);
+    assert_eq!(again.bytes_sent, 0, "the adopted log already holds m2's disk");
+    assert_ne!(
+        machine_state(&cs, "m2"),
+        "resync-required",
+        "the full compare cleared the flag"
+    );
+    let list = process_servers(&cs);
+    assert_eq!(
+        process_server(&list, "local").unwrap()["machines"],
+        serde_json::json!(["m1", "m2"])
+    );
+}

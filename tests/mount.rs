@@ -407,6 +407,20 @@ async fn points_browse_as_files_through_a_real_mount() {
     let mnt = root.join("mnt");
     let mut mount = Mount::start(&app, &mnt);
     assert_eq!(entries(&mnt), BTreeSet::from(["m1".to_string()]));
+    // The appliance knows about the mount: the gauge and `lifeboat mounts` show it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.metric("lifeboat_fuse_clients") != 1.0 {
+        assert!(Instant::now() < deadline, "lifeboat_fuse_clients never reached 1");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = app.admin(&["mounts", "--json"]);
+    assert!(out.status.success(), "mounts: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(
+        listed[0]["mountpoint"].as_str().map(Path::new),
+        Some(std::fs::canonicalize(&mnt).unwrap().as_path())
+    );
     let (n1, n2) = (point_dir(&app, &p1), point_dir(&app, &p2));
     assert!(
         n1.ends_with("Z-crash") && n1.len() == "2026-11-22T10-05-00Z-crash".len(),
@@ -536,6 +550,11 @@ async fn points_browse_as_files_through_a_real_mount() {
     let errors = reader.join().unwrap();
     eprintln!("busy reader saw {errors} errors after the unmount");
     drop(mount);
+    assert_eq!(
+        app.metric("lifeboat_fuse_clients"),
+        0.0,
+        "an unmounted client is no longer counted"
+    );
 
     // Mount again; `fusermount3 -u` from outside ends the process cleanly.
     let mut mount = Mount::start(&app, &mnt);

@@ -21,6 +21,24 @@ pub struct Config {
     pub blob: Blob,
     pub cache: Cache,
     pub policy: Policy,
+    pub config_server: ConfigServer,
+}
+
+/// Scale-out: a process-server appliance registers with the config server named here and sends
+/// it heartbeats; the config server can then assign machines to it. Empty `url`: this appliance
+/// is its own config server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigServer {
+    /// The config server's management API, e.g. `https://appliance:443`.
+    pub url: String,
+    /// CA certificate (PEM) to trust for `url` (the config server's cert.pem when self-signed).
+    pub ca: String,
+    /// This process server's name at the config server (default: the host name).
+    pub name: String,
+    /// The replication address agents are sent to, HOST:PORT (default: the bound address).
+    pub advertise: String,
+    pub heartbeat_interval: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +105,19 @@ impl Default for Config {
             blob: Blob::default(),
             cache: Cache::default(),
             policy: Policy::default(),
+            config_server: ConfigServer::default(),
+        }
+    }
+}
+
+impl Default for ConfigServer {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            ca: String::new(),
+            name: String::new(),
+            advertise: String::new(),
+            heartbeat_interval: "10s".into(),
         }
     }
 }
@@ -245,6 +276,17 @@ impl Config {
             retention: parse_duration(&self.policy.retention)?,
             rpo_threshold: parse_duration(&self.policy.rpo_threshold)?,
         };
+        if !self.config_server.url.is_empty() {
+            if !self.config_server.url.starts_with("https://") {
+                bail!("config_server.url {:?} must be an https:// URL", self.config_server.url);
+            }
+            if !self.roles.iter().any(|r| r == "process") {
+                bail!("config_server.url is set but this appliance runs no process role");
+            }
+            if parse_duration(&self.config_server.heartbeat_interval)?.is_zero() {
+                bail!("config_server.heartbeat_interval must be positive");
+            }
+        }
         if policy.crash_consistent_interval.is_zero() || policy.retention.is_zero() {
             bail!("policy.crash_consistent_interval and policy.retention must be positive");
         }

@@ -7,9 +7,11 @@ mod jobs;
 mod management;
 mod metrics;
 mod mount;
+mod mounts;
 mod operations;
 mod ops_cli;
 mod plans;
+mod scaleout;
 mod secrets;
 mod serve;
 
@@ -92,6 +94,13 @@ enum Command {
     Jobs(ops_cli::JobsCommand),
     /// The appliance's event log (RPO threshold crossed, jobs, missed app-consistent points).
     Events(ops_cli::EventsArgs),
+    /// Registered mobility agents: version, registered, last seen.
+    Agents(ops_cli::ListArgs),
+    /// Process servers (this appliance's and scale-out ones) and machine assignments.
+    #[command(subcommand)]
+    ProcessServers(ops_cli::ProcessServersCommand),
+    /// The `lifeboat mount` clients running now.
+    Mounts(ops_cli::ListArgs),
     /// Browse recovery points as files (FUSE, read-only).
     ///
     /// MOUNTPOINT/MACHINE/POINT/DISK.img is the raw disk at that point; the files of each disk's
@@ -676,6 +685,9 @@ fn main() -> ExitCode {
             Command::Failback(a) => ops_cli::failback(a).await,
             Command::Jobs(cmd) => ops_cli::jobs(cmd).await,
             Command::Events(a) => ops_cli::events(a).await,
+            Command::Agents(a) => ops_cli::agents(a).await,
+            Command::ProcessServers(cmd) => ops_cli::process_servers(cmd).await,
+            Command::Mounts(a) => ops_cli::mounts(a).await,
             Command::Mount(args) => mount::run(args).await,
             Command::DefaultConfig => {
                 print!("{}", toml::to_string_pretty(&config::Config::default())?);

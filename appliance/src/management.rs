@@ -32,6 +32,7 @@ pub struct ManagementState {
     pub(crate) reader: Option<Arc<Reader>>,
     policies: Option<Policies>,
     pub(crate) operations: Option<Arc<crate::operations::Operations>>,
+    pub(crate) mounts: Arc<crate::mounts::Mounts>,
 }
 
 impl ManagementState {
@@ -40,12 +41,14 @@ impl ManagementState {
         reader: Option<Arc<Reader>>,
         policies: Option<Policies>,
         operations: Option<Arc<crate::operations::Operations>>,
+        mounts: Arc<crate::mounts::Mounts>,
     ) -> Arc<Self> {
         Arc::new(Self {
             admin_hash: *blake3::hash(admin_token.as_bytes()).as_bytes(),
             reader,
             policies,
             operations,
+            mounts,
         })
     }
 }
@@ -405,6 +408,7 @@ pub fn router(state: Arc<ManagementState>) -> Router {
             axum::routing::put(put_policy).delete(delete_policy),
         )
         .merge(crate::operations::routes())
+        .merge(crate::mounts::routes())
         .with_state(state)
 }
 
@@ -426,6 +430,7 @@ pub struct AdminConnection {
     pub token_file: Option<PathBuf>,
 }
 
+#[derive(Clone)]
 pub struct Client {
     base: String,
     token: String,

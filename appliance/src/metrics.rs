@@ -133,17 +133,17 @@ pub fn register_read_side(
     host: &HostMetrics,
     nbd: Arc<lifeboat_fs::nbd::NbdStats>,
     reader: Arc<lifeboat_fs::pit::Reader>,
+    mounts: Arc<crate::mounts::Mounts>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let clients = IntGauge::new("lifeboat_nbd_clients", "NBD client connections open now.").expect("metric");
     registry.register(Box::new(clients.clone())).expect("register");
-    // Not wired yet: stays 0 until FUSE mounts are served by the appliance.
     let fuse = IntGauge::new(
         "lifeboat_fuse_clients",
-        "FUSE mounts of recovery points open now (always 0 until FUSE mounts are served).",
+        "`lifeboat mount` FUSE mounts of recovery points running now (live sessions).",
     )
     .expect("metric");
-    registry.register(Box::new(fuse)).expect("register");
+    registry.register(Box::new(fuse.clone())).expect("register");
     let requests = mirror(registry, "lifeboat_nbd_requests_total", "NBD requests served.");
     let read = mirror(registry, "lifeboat_nbd_read_bytes_total", "Bytes read by NBD clients.");
     let errors = mirror(
@@ -184,6 +184,7 @@ pub fn register_read_side(
     host.on_scrape(move || {
         let s = nbd.snapshot();
         clients.set(s.connections_active as i64);
+        fuse.set(mounts.live().len() as i64);
         requests(s.requests);
         read(s.bytes_read);
         errors(s.errors);

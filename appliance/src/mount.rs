@@ -151,6 +151,19 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
             "the appliance protects no machine {m:?}"
         );
     }
+    let session_id = format!("{:016x}", rand::random::<u64>());
+    let session = crate::mounts::MountSession {
+        host: sysinfo::System::host_name().unwrap_or_default(),
+        mountpoint: std::fs::canonicalize(&args.mountpoint)
+            .unwrap_or_else(|_| args.mountpoint.clone())
+            .display()
+            .to_string(),
+        machine: args.machine.clone(),
+        pid: std::process::id(),
+        ..Default::default()
+    };
+    let session_path = format!("/api/mounts/{session_id}");
+    let session_api = api.clone();
     let source = Arc::new(Appliance {
         api,
         nbd: nbd.clone(),
@@ -173,19 +186,28 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     );
     let signal = shutdown_signal();
     tokio::pin!(signal);
-    loop {
+    // The appliance counts this mount while its session is renewed (`lifeboat_fuse_clients`).
+    let mut renew = tokio::time::interval(crate::mounts::RENEW_EVERY);
+    let result = loop {
         tokio::select! {
             _ = &mut signal => {
                 tracing::info!("unmounting");
-                tokio::task::spawn_blocking(move || mounted.unmount(Duration::from_secs(3))).await??;
-                return Ok(());
+                break tokio::task::spawn_blocking(move || mounted.unmount(Duration::from_secs(3))).await?;
+            }
+            _ = renew.tick() => {
+                if let Err(e) = session_api.put::<serde_json::Value>(&session_path, &session).await {
+                    tracing::warn!(error = %format!("{e:#}"), "could not renew the mount session");
+                }
             }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if mounted.finished() {
-                    tokio::task::spawn_blocking(move || mounted.join()).await??;
-                    return Ok(());
+                    break tokio::task::spawn_blocking(move || mounted.join()).await?;
                 }
             }
         }
+    };
+    if let Err(e) = session_api.delete(&session_path).await {
+        tracing::debug!(error = %format!("{e:#}"), "mount session already gone");
     }
+    Ok(result?)
 }

@@ -5,7 +5,10 @@
 //! | method | path | answer |
 //! |---|---|---|
 //! | GET | `/api/agents` | registered agents: version, registered, last seen |
-//! | GET | `/api/process-servers` | process servers, their cache and machines |
+//! | GET | `/api/process-servers` | process servers (the local one and scale-out ones): state, cache, machines |
+//! | POST | `/api/process-servers/register` | a scale-out process server registers (`Registration`, with the passphrase) → `{name, token}` |
+//! | PUT | `/api/process-servers/NAME/heartbeat` | its heartbeat (`Heartbeat`, its own bearer token) → the machines assigned to it |
+//! | PUT | `/api/machines/M/process-server` | `{process_server}`: M's agent is sent there from now on (`local` = this appliance) |
 //! | GET | `/api/groups` | replication groups |
 //! | PUT / DELETE | `/api/groups/NAME` | `{machines, policy}` (409: a machine is in another group) |
 //! | GET | `/api/plans` | recovery plans |
@@ -24,8 +27,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use gateway::consistency::Coordinator;
-use gateway::events::{Event, Events};
+use gateway::events::{Event, Events, Severity};
 use gateway::groups::{Group, NamedGroup};
+use gateway::process_servers::{Heartbeat, HeartbeatAnswer, ProcessServerError, Registration, LOCAL};
 use gateway::server::ErrorBody;
 use serde::{Deserialize, Serialize};
 
@@ -48,9 +52,33 @@ pub struct Operations {
 pub struct ProcessServerInfo {
     pub name: String,
     pub address: String,
+    /// This appliance's own process server.
+    pub local: bool,
+    /// `ok`, or `unreachable` when three heartbeats (at least 3 s) were missed.
+    pub state: String,
+    pub version: String,
+    pub last_seen_ms: u64,
     pub cache_used_bytes: u64,
     pub cache_limit_bytes: u64,
+    /// Machines with disks in its cache.
     pub machines: Vec<String>,
+    /// Machines the config server assigned to it (their agents are sent there).
+    pub assigned: Vec<String>,
+}
+
+/// `PUT /api/machines/M/process-server`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProcessServerAssignment {
+    #[serde(default)]
+    pub machine: String,
+    pub process_server: String,
+}
+
+/// A scale-out process server's credentials after registering.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProcessServerToken {
+    pub name: String,
+    pub token: String,
 }
 
 type Failure = (StatusCode, Json<ErrorBody>);
@@ -256,25 +284,150 @@ async fn agents(
     ))
 }
 
-/// The process servers: this appliance's own (scale-out appliances are listed here once they
-/// register; none can yet).
+fn process_server_error(e: ProcessServerError) -> Failure {
+    let status = match &e {
+        ProcessServerError::WrongPassphrase | ProcessServerError::Unauthorized => StatusCode::UNAUTHORIZED,
+        ProcessServerError::Unknown(_) => StatusCode::NOT_FOUND,
+        ProcessServerError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ProcessServerError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// The process servers: this appliance's own (`local`) and the scale-out ones that registered.
 async fn process_servers(
     State(s): State<Arc<ManagementState>>,
     headers: HeaderMap,
 ) -> ApiResult<Vec<ProcessServerInfo>> {
     authorize(&s, &headers)?;
     let o = ops(&s)?;
-    let j = &o.ingest.journal;
-    let mut machines: Vec<String> = j.disks().into_iter().map(|d| d.machine).collect();
-    machines.sort();
-    machines.dedup();
-    Ok(Json(vec![ProcessServerInfo {
-        name: "local".into(),
-        address: o.replication_address.clone(),
-        cache_used_bytes: j.cache_used(),
-        cache_limit_bytes: j.state.max_bytes,
-        machines,
-    }]))
+    let ingest = o.ingest.clone();
+    let address = o.replication_address.clone();
+    off_reactor(move || {
+        let j = &ingest.journal;
+        let registry = &ingest.process_servers;
+        let assignments = registry.assignments().map_err(process_server_error)?;
+        let assigned_to = |name: &str| -> Vec<String> {
+            assignments
+                .iter()
+                .filter(|(_, ps)| ps == name)
+                .map(|(m, _)| m.clone())
+                .collect()
+        };
+        let mut machines: Vec<String> = j.disks().into_iter().map(|d| d.machine).collect();
+        machines.sort();
+        machines.dedup();
+        let now = lifeboat_fs::pit::now_ms();
+        let mut out = vec![ProcessServerInfo {
+            name: LOCAL.into(),
+            address,
+            local: true,
+            state: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            last_seen_ms: now,
+            cache_used_bytes: j.cache_used(),
+            cache_limit_bytes: j.state.max_bytes,
+            // Machines assigned elsewhere but not yet moved still show here until they are.
+            assigned: machines
+                .iter()
+                .filter(|m| !assignments.iter().any(|(a, _)| a == *m))
+                .cloned()
+                .collect(),
+            machines,
+        }];
+        for r in registry.list().map_err(process_server_error)? {
+            out.push(ProcessServerInfo {
+                state: if r.reachable(now) { "ok" } else { "unreachable" }.into(),
+                assigned: assigned_to(&r.name),
+                local: false,
+                version: r.version,
+                last_seen_ms: r.last_seen_ms,
+                cache_used_bytes: r.last.cache_used_bytes,
+                cache_limit_bytes: r.last.cache_limit_bytes,
+                machines: r.last.machines,
+                address: r.address,
+                name: r.name,
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map(Json)
+}
+
+/// A scale-out process server registers with the passphrase (no admin token) and gets its own.
+async fn register_process_server(
+    State(s): State<Arc<ManagementState>>,
+    body: axum::body::Bytes,
+) -> ApiResult<ProcessServerToken> {
+    let reg: Registration =
+        serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("registration body: {e}")))?;
+    let ingest = ops(&s)?.ingest.clone();
+    let name = reg.name.clone();
+    let token = off_reactor(move || {
+        ingest
+            .process_servers
+            .register(&reg, &ingest.passphrase)
+            .map_err(process_server_error)
+    })
+    .await
+    .inspect_err(|_| tracing::warn!(process_server = %name, "process-server registration refused"))?;
+    tracing::info!(process_server = %name, "scale-out process server registered");
+    Ok(Json(ProcessServerToken { name, token }))
+}
+
+async fn process_server_heartbeat(
+    State(s): State<Arc<ManagementState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<HeartbeatAnswer> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_string();
+    let hb: Heartbeat =
+        serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("heartbeat body: {e}")))?;
+    let ingest = ops(&s)?.ingest.clone();
+    off_reactor(move || {
+        ingest
+            .process_servers
+            .heartbeat(&name, &token, hb)
+            .map_err(process_server_error)
+    })
+    .await
+    .map(Json)
+}
+
+async fn assign_process_server(
+    State(s): State<Arc<ManagementState>>,
+    Path(machine): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<ProcessServerAssignment> {
+    authorize(&s, &headers)?;
+    let mut a: ProcessServerAssignment =
+        serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("body: {e}")))?;
+    a.machine = machine;
+    let o = ops(&s)?;
+    let ingest = o.ingest.clone();
+    let (m, ps) = (a.machine.clone(), a.process_server.clone());
+    off_reactor(move || ingest.process_servers.assign(&m, &ps).map_err(process_server_error)).await?;
+    let message = format!(
+        "the agent of {} is sent to process server {}",
+        a.machine, a.process_server
+    );
+    if let Err(e) = o
+        .events
+        .post_async(Severity::Info, "process-server-assigned", &a.machine, message)
+        .await
+    {
+        tracing::warn!(error = %e, "could not record the assignment event");
+    }
+    tracing::info!(machine = %a.machine, process_server = %a.process_server, "machine assigned");
+    Ok(Json(a))
 }
 
 /// Marks a machine resync-required by hand; its agent's next sync compares every block.
@@ -301,6 +454,9 @@ pub fn routes() -> Router<Arc<ManagementState>> {
         .route("/api/machines/{machine}/resync", post(resync))
         .route("/api/agents", get(agents))
         .route("/api/process-servers", get(process_servers))
+        .route("/api/process-servers/register", post(register_process_server))
+        .route("/api/process-servers/{name}/heartbeat", put(process_server_heartbeat))
+        .route("/api/machines/{machine}/process-server", put(assign_process_server))
         .route("/api/groups", get(list_groups))
         .route("/api/groups/{name}", put(put_group).delete(delete_group))
         .route("/api/plans", get(list_plans))

@@ -1,5 +1,5 @@
 //! Operator commands for the config server's operations — `machines`, `group`, `plan`,
-//! `failover`, `failback`, `jobs`, `events` — each a thin client of the management API
+//! `failover`, `failback`, `jobs`, `events`, `agents`, `process-servers`, `mounts` — each a thin client of the management API
 //! (`--json` prints what the API answered, for scripts).
 
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::jobs::{Job, JobKind, JobRequest, JobState};
 use crate::management::{AdminConnection, Client, MachineInfo};
-use crate::operations::BookmarkAsked;
+use crate::operations::{BookmarkAsked, ProcessServerAssignment, ProcessServerInfo};
 use crate::plans::{NamedPlan, Plan};
 
 #[derive(Subcommand)]
@@ -557,6 +557,124 @@ pub async fn events(a: EventsArgs) -> anyhow::Result<()> {
                 format!("[{}] ", e.machine)
             },
             e.message
+        );
+    }
+    Ok(())
+}
+
+/// `--json` and where the management API is: the arguments of the plain list commands.
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    conn: AdminConnection,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `lifeboat agents`: registered mobility agents, their version and when they were last heard.
+pub async fn agents(a: ListArgs) -> anyhow::Result<()> {
+    let list: Vec<gateway::server::AgentInfo> = Client::connect(&a.conn)?.get("/api/agents").await?;
+    if a.json {
+        return print_json(&list);
+    }
+    println!("{:<20} {:<10} {:<20} LAST SEEN", "MACHINE", "VERSION", "REGISTERED");
+    for ag in list {
+        println!(
+            "{:<20} {:<10} {:<20} {}",
+            ag.machine,
+            ag.version,
+            lifeboat_fs::pit::format_time(ag.registered_ms),
+            lifeboat_fs::pit::format_time(ag.last_seen_ms)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum ProcessServersCommand {
+    /// The process servers: this appliance's (`local`) and scale-out ones, with their state,
+    /// cache fill and machines.
+    List(ListArgs),
+    /// Send a machine's agent to a process server from now on (`local`: this appliance). A
+    /// machine moved to another process server starts with a full compare there.
+    Assign {
+        #[command(flatten)]
+        conn: AdminConnection,
+        machine: String,
+        process_server: String,
+    },
+}
+
+pub async fn process_servers(cmd: ProcessServersCommand) -> anyhow::Result<()> {
+    match cmd {
+        ProcessServersCommand::List(a) => {
+            let list: Vec<ProcessServerInfo> = Client::connect(&a.conn)?.get("/api/process-servers").await?;
+            if a.json {
+                return print_json(&list);
+            }
+            println!(
+                "{:<16} {:<12} {:<22} {:>21}  machines (assigned)",
+                "NAME", "STATE", "ADDRESS", "CACHE USED / LIMIT"
+            );
+            for p in list {
+                println!(
+                    "{:<16} {:<12} {:<22} {:>21}  {} ({})",
+                    p.name,
+                    p.state,
+                    p.address,
+                    format!(
+                        "{} / {}",
+                        bytesize::ByteSize(p.cache_used_bytes),
+                        bytesize::ByteSize(p.cache_limit_bytes)
+                    ),
+                    if p.machines.is_empty() {
+                        "-".into()
+                    } else {
+                        p.machines.join(", ")
+                    },
+                    p.assigned.join(", ")
+                );
+            }
+            Ok(())
+        }
+        ProcessServersCommand::Assign {
+            conn,
+            machine,
+            process_server,
+        } => {
+            let a: ProcessServerAssignment = Client::connect(&conn)?
+                .put(
+                    &format!("/api/machines/{machine}/process-server"),
+                    &serde_json::json!({ "process_server": process_server }),
+                )
+                .await?;
+            println!(
+                "{}'s agent is sent to process server {} from its next registration",
+                a.machine, a.process_server
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `lifeboat mounts`: the `lifeboat mount` clients running now.
+pub async fn mounts(a: ListArgs) -> anyhow::Result<()> {
+    let list: Vec<crate::mounts::MountSession> = Client::connect(&a.conn)?.get("/api/mounts").await?;
+    if a.json {
+        return print_json(&list);
+    }
+    println!(
+        "{:<20} {:<8} {:<20} {:<12} MOUNTPOINT",
+        "HOST", "PID", "SINCE", "MACHINE"
+    );
+    for m in list {
+        println!(
+            "{:<20} {:<8} {:<20} {:<12} {}",
+            m.host,
+            m.pid,
+            lifeboat_fs::pit::format_time(m.since_ms),
+            m.machine.as_deref().unwrap_or("all"),
+            m.mountpoint
         );
     }
     Ok(())

@@ -75,6 +75,16 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
             cfg.policy.rpo_threshold,
             shutdown.clone(),
         )));
+        if !cfg.raw.config_server.url.is_empty() {
+            // Scale-out: this process server reports to a config server elsewhere.
+            let replication = ready
+                .get("replication")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            let link = crate::scaleout::Link::new(&cfg, &replication, &passphrase, ps.journal.clone())?;
+            tasks.push(tokio::spawn(link.run(shutdown.clone())));
+        }
         process = Some(ps);
     }
     // The master target reads what this appliance's process server catalogued.
@@ -128,11 +138,13 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // `lifeboat mount` clients announce themselves to the management API; metrics count them.
+    let mounts = crate::mounts::Mounts::new();
     if let (Some(reader), Some(exports)) = (&reader, &exports) {
         let listener = bind("NBD", cfg.raw.listen.nbd).await?;
         ready.insert("nbd".into(), metrics::addr_of(&listener).to_string().into());
         let nbd = std::sync::Arc::new(lifeboat_fs::nbd::NbdServer::new(exports.clone()));
-        metrics::register_read_side(&registry, &host, nbd.stats(), reader.clone());
+        metrics::register_read_side(&registry, &host, nbd.stats(), reader.clone(), mounts.clone());
         tasks.push(tokio::spawn(nbd.serve(listener, until_shutdown(shutdown.clone()))));
     }
     if roles.iter().any(|r| r == "config") {
@@ -151,6 +163,7 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
                 reader.clone(),
                 process.as_ref().map(|ps| ps.policies.clone()),
                 operations.clone(),
+                mounts.clone(),
             )),
             shutdown.clone(),
         )));

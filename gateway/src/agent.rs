@@ -131,8 +131,45 @@ async fn refused(resp: reqwest::Response) -> AgentError {
 }
 
 impl Agent {
-    /// Registers with the process server and returns a session.
-    pub async fn connect(cfg: AgentConfig) -> Result<Self, AgentError> {
+    /// Registers with the process server and returns a session. When the config server has
+    /// assigned the machine to another (scale-out) process server, the answer names it and its
+    /// certificate, and the agent registers there instead (one hop).
+    pub async fn connect(mut cfg: AgentConfig) -> Result<Self, AgentError> {
+        let (http, reg) = Self::register(&cfg).await?;
+        let (http, reg) = match reg.redirect {
+            None => (http, reg),
+            Some(r) => {
+                tracing::info!(process_server = %r.process_server, address = %r.address,
+                    "this machine is assigned to another process server: registering there");
+                cfg.server = format!("https://{}", r.address);
+                cfg.ca_pem = Some(r.certificate_pem.into_bytes());
+                let (http, reg) = Self::register(&cfg).await?;
+                if reg.redirect.is_some() {
+                    return Err(AgentError::Refused {
+                        status: 508,
+                        message: format!("process server {} redirected the agent again", r.process_server),
+                    });
+                }
+                (http, reg)
+            }
+        };
+        let mut raw = [0u8; 8];
+        rand::thread_rng().fill_bytes(&mut raw);
+        Ok(Self {
+            cfg,
+            http,
+            token: reg.token,
+            session: u64::from_be_bytes(raw),
+            next_batch: 1.into(),
+        })
+    }
+
+    /// The process server this session replicates to (after any redirect).
+    pub fn server(&self) -> &str {
+        &self.cfg.server
+    }
+
+    async fn register(cfg: &AgentConfig) -> Result<(reqwest::Client, RegisterResponse), AgentError> {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
@@ -164,15 +201,7 @@ impl Agent {
             return Err(refused(resp).await);
         }
         let reg: RegisterResponse = resp.json().await.map_err(|e| describe(&e, &cfg.server))?;
-        let mut raw = [0u8; 8];
-        rand::thread_rng().fill_bytes(&mut raw);
-        Ok(Self {
-            cfg,
-            http,
-            token: reg.token,
-            session: u64::from_be_bytes(raw),
-            next_batch: 1.into(),
-        })
+        Ok((http, reg))
     }
 
     fn url(&self, tail: &str) -> String {

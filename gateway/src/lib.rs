@@ -29,6 +29,7 @@ pub mod groups;
 pub mod journal;
 pub mod metrics;
 pub mod policy;
+pub mod process_servers;
 pub mod protocol;
 pub mod rebuild;
 pub mod record;

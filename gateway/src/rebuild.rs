@@ -135,6 +135,22 @@ pub async fn rebuild(
             expected = seg.last_seq + 1;
         }
         summary.disks += 1;
+        // A journal behind blob storage (restored from an older copy): adopt the log's end, so
+        // sequence numbers go on from there, under a fresh data key (the counters the lost
+        // state issued under the old key are unknown here).
+        let behind = existing.as_ref().is_some_and(|d| expected > d.next_seq);
+        if let (true, Some(d)) = (behind, &existing) {
+            let key_id = blob::max_key_id(store, machine, disk).await? + 1;
+            let wrapped = WrappedKey::wrap(kek, &Key::random(), machine, disk, key_id);
+            blob::put_wrapped_key(store, &wrapped).await?;
+            new_disks.push(DiskMeta {
+                key_id,
+                next_seq: expected,
+                uploaded_through: expected - 1,
+                next_counter: 1,
+                ..d.clone()
+            });
+        }
         if existing.is_none() {
             // New writes get a fresh data key: the old appliance's nonce counters are unknown.
             let key_id = blob::max_key_id(store, machine, disk).await? + 1;

@@ -45,10 +45,14 @@ pub struct IngestState {
     pub metrics: GatewayMetrics,
     /// Bookmark requests and group barriers.
     pub coordinator: Arc<crate::consistency::Coordinator>,
+    /// Scale-out process servers and machine assignments (kept by the config server).
+    pub process_servers: crate::process_servers::ProcessServers,
     tokens: Mutex<HashMap<[u8; 32], String>>,
     disk_setup: Mutex<()>,
     /// Machine → (last request, when that was last written to RocksDB), in ms.
     seen: std::sync::Mutex<HashMap<String, (u64, u64)>>,
+    /// Disks whose journal was checked against blob storage's log since this process started.
+    log_checked: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// A registered agent, as the management API lists it.
@@ -78,6 +82,7 @@ impl IngestState {
         coordinator: Arc<crate::consistency::Coordinator>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            process_servers: crate::process_servers::ProcessServers::new(journal.db().clone()),
             journal,
             blob,
             kek,
@@ -87,6 +92,7 @@ impl IngestState {
             tokens: Mutex::new(HashMap::new()),
             disk_setup: Mutex::new(()),
             seen: std::sync::Mutex::new(HashMap::new()),
+            log_checked: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -280,10 +286,14 @@ pub struct RegisterRequest {
 #[derive(Serialize, Deserialize)]
 pub struct RegisterResponse {
     pub machine: String,
+    /// Empty when the agent is redirected.
     pub token: String,
+    /// The machine is assigned to another process server: register there instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<crate::process_servers::Redirect>,
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     // Compare digests so the time does not depend on where the inputs differ, nor on length.
     let (da, db) = (blake3::hash(a), blake3::hash(b));
     da.as_bytes()
@@ -306,6 +316,21 @@ async fn register(
             "registration refused: wrong passphrase",
         ));
     }
+    let ps = s.process_servers.clone();
+    let m = req.machine.clone();
+    let redirect = tokio::task::spawn_blocking(move || ps.redirect_for(&m))
+        .await
+        .expect("assignment lookup")
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(redirect) = redirect {
+        tracing::info!(machine = %req.machine, process_server = %redirect.process_server,
+            address = %redirect.address, "agent sent to its assigned process server");
+        return Ok(Json(RegisterResponse {
+            machine: req.machine,
+            token: String::new(),
+            redirect: Some(redirect),
+        }));
+    }
     let mut raw = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut raw);
     let token = hex::encode(raw);
@@ -327,6 +352,7 @@ async fn register(
     Ok(Json(RegisterResponse {
         machine: req.machine,
         token,
+        redirect: None,
     }))
 }
 
@@ -413,6 +439,7 @@ async fn register_disk(
         )
     };
     let existing = s.journal.disk(&machine, &disk);
+    check_log_continuity(&s, &machine, &disk, existing.as_ref()).await?;
     if let Some(d) = existing.as_ref().filter(|d| d.size == req.size) {
         return Ok(Json(DiskResponse {
             machine,
@@ -466,6 +493,87 @@ async fn register_disk(
         block_size: journal::BLOCK_SIZE,
         next_seq: d.next_seq,
     }))
+}
+
+/// Sequence numbers (and segment names) of a disk's log must never be issued twice. Once per
+/// disk per process start — always for a disk new to this journal — the highest sequence in
+/// blob storage is compared with the journal's: when blob storage is ahead, another process
+/// server wrote this disk's log (the machine was moved here) or this appliance's cache was lost
+/// or restored from an older copy. That is a gap in the sequence: replication of the disk is
+/// refused (409) until `lifeboat index rebuild` adopts the log from blob storage, and the machine
+/// is marked resync-required so its next sync compares every block.
+async fn check_log_continuity(
+    s: &Arc<IngestState>,
+    machine: &str,
+    disk: &str,
+    existing: Option<&journal::DiskMeta>,
+) -> Result<(), ApiError> {
+    let key = (machine.to_owned(), disk.to_owned());
+    if existing.is_some() && s.log_checked.lock().await.contains(&key) {
+        return Ok(());
+    }
+    let store = s.blob.store.as_ref();
+    let listed = async {
+        let segments = crate::replay::list_segments(store, machine, disk)
+            .await
+            .map_err(|e| e.to_string())?;
+        let base = blob::get_base_manifest(store, machine, disk)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(
+            segments
+                .iter()
+                .map(|seg| seg.last_seq)
+                .chain(base.map(|b| b.through_seq))
+                .max()
+                .unwrap_or(0),
+        )
+    };
+    let blob_through = match (listed.await, existing) {
+        (Ok(through), _) => through,
+        // A known disk keeps replicating through a blob-store outage (the cache absorbs it);
+        // the check runs again at its next registration.
+        (Err(e), Some(_)) => {
+            tracing::warn!(machine, disk, error = %e, "cannot check the log in blob storage now");
+            return Ok(());
+        }
+        (Err(e), None) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("blob storage unavailable: {e}"),
+            ))
+        }
+    };
+    let journal_through = existing.map(|d| d.next_seq - 1).unwrap_or(0);
+    if blob_through > journal_through {
+        let why = match existing {
+            None => format!(
+                "blob storage already holds the log of {machine}/{disk} through sequence {blob_through}, \
+                 which this process server never wrote (the machine replicated to another process \
+                 server, or this appliance's cache was lost)"
+            ),
+            Some(_) => format!(
+                "sequence gap on {machine}/{disk}: blob storage holds the log through sequence \
+                 {blob_through} but this appliance's cache only through {journal_through} (was it \
+                 restored from an older copy?)"
+            ),
+        };
+        tracing::error!(machine, disk, blob_through, journal_through, "{why}");
+        let co = s.coordinator.clone();
+        let (m, reason) = (machine.to_owned(), why.clone());
+        tokio::task::spawn_blocking(move || match co.resync_required(&m) {
+            Some(_) => Ok(()), // flagged (and the event posted) at an earlier attempt
+            None => co.require_resync(&m, &reason),
+        })
+        .await
+        .expect("resync flag")?;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{why}; stop the appliance and run `lifeboat index rebuild` to adopt that log, then sync again"),
+        ));
+    }
+    s.log_checked.lock().await.insert(key);
+    Ok(())
 }
 
 async fn checksums(

@@ -132,7 +132,8 @@ impl Appliance {
         };
         Self {
             replication: get("replication"),
-            management: get("management"),
+            // A process-server-only appliance has no management API.
+            management: ready["management"].as_str().unwrap_or_default().to_string(),
             metrics: get("metrics"),
             nbd: ready["nbd"].as_str().unwrap_or_default().to_string(),
             cert: PathBuf::from(get("cert")),
