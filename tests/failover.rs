@@ -639,3 +639,225 @@ async fn scale_out_process_server_takes_the_machines_assigned_to_it() {
         serde_json::json!(["m1", "m2"])
     );
 }
+
+/// A gap in the sequence: the appliance's data folder is restored from an older copy while blob
+/// storage holds later writes. The agent's next sync is refused (409, naming `index rebuild`)
+/// instead of issuing sequence numbers twice, the machine becomes resync-required with an
+/// event; after `index rebuild` adopts the log from blob storage, the sync compares every block
+/// against what blob storage holds (nothing to send), the flag clears, and later writes go on
+/// from there: blob storage replays byte-exact at every step.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sequence_gap_is_detected_and_resynchronised_without_losing_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let blob = BlobTarget::Local(work.join("blob"));
+    let mut app = Appliance::start(&work.join("appliance"), &blob, "");
+    let disk = work.join("m1-disk0.img");
+    make_disk(&disk, 21);
+    let s1 = app.sync("m1", &[&disk]);
+    let store = blob.store();
+    wait_uploaded(
+        store.as_ref(),
+        "m1",
+        "disk0",
+        s1.disks[0].last_seq,
+        Duration::from_secs(60),
+    )
+    .await;
+    // An older copy of the appliance's data (e.g. a VM snapshot), taken while it was stopped.
+    app.stop();
+    let data = work.join("appliance/data");
+    let older = work.join("data-older");
+    ok(
+        Command::new("cp").arg("-a").arg(&data).arg(&older).output().unwrap(),
+        "copy the data folder",
+    );
+    app.restart();
+    change_blocks(&disk, &[3, 40, 41, 200], 0x5a);
+    let s2 = app.sync("m1", &[&disk]);
+    assert!(s2.disks[0].last_seq > s1.disks[0].last_seq);
+    wait_uploaded(
+        store.as_ref(),
+        "m1",
+        "disk0",
+        s2.disks[0].last_seq,
+        Duration::from_secs(60),
+    )
+    .await;
+    let v2 = std::fs::read(&disk).unwrap();
+
+    // The appliance comes back from the older copy: blob storage is ahead of its cache.
+    app.stop();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::rename(&older, &data).unwrap();
+    app.restart();
+    let out = app.agent("sync", "m1").arg("--disk").arg(&disk).output().unwrap();
+    let err = refused(out, "409", "sync into a cache that is behind blob storage");
+    assert!(err.contains("sequence gap") && err.contains("index rebuild"), "{err}");
+    assert_eq!(machine_state(&app, "m1"), "resync-required");
+    let replayed = replay(
+        store.as_ref(),
+        "m1",
+        "disk0",
+        DISK_SIZE as u64,
+        None,
+        &work.join("r1.img"),
+    )
+    .await;
+    assert_same_image(&replayed, &v2, "blob storage after the refused sync");
+
+    // Adopt the log; the resync finds nothing to send; later writes continue the log.
+    app.stop();
+    rebuild_index(&app);
+    app.restart();
+    let s3 = app.sync("m1", &[&disk]);
+    assert_eq!(s3.bytes_sent, 0, "the adopted log already holds the disk");
+    assert_ne!(machine_state(&app, "m1"), "resync-required");
+    change_blocks(&disk, &[7, 100], 0xa5);
+    let s4 = app.sync("m1", &[&disk]);
+    assert!(
+        s4.disks[0].last_seq > s2.disks[0].last_seq,
+        "sequence numbers go on after the adopted log"
+    );
+    wait_uploaded(
+        store.as_ref(),
+        "m1",
+        "disk0",
+        s4.disks[0].last_seq,
+        Duration::from_secs(60),
+    )
+    .await;
+    let replayed = replay(
+        store.as_ref(),
+        "m1",
+        "disk0",
+        DISK_SIZE as u64,
+        None,
+        &work.join("r2.img"),
+    )
+    .await;
+    assert_same_image(
+        &replayed,
+        &std::fs::read(&disk).unwrap(),
+        "blob storage after the resync",
+    );
+}
+
+/// Failover to the cloud: the point written as a fixed VHD in the appliance's blob storage,
+/// which qemu-img reads as a VHD of the disk's size holding exactly the point's bytes; the
+/// "cloud VM" then writes to it, and failback from that image onto the changed on-premises disk
+/// writes only the differing blocks. Bad prefixes and formats are refused with the field named.
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_to_a_vhd_in_blob_storage_and_failback_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let blob_dir = work.join("blob");
+    let blob = BlobTarget::Local(blob_dir.clone());
+    let mut app = Appliance::start(&work.join("appliance"), &blob, "");
+    let disk = work.join("m1-disk0.img");
+    let at_point = make_disk(&disk, 31);
+    app.sync("m1", &[&disk]);
+    ok(
+        app.agent("bookmark", "m1")
+            .args(["--label", "pre-failover"])
+            .output()
+            .unwrap(),
+        "bookmark",
+    );
+
+    let bad = refused(
+        app.admin(&["failover", "--machine", "m1", "--target-blob", "machines/x"]),
+        "400",
+        "a prefix inside the appliance's own objects",
+    );
+    assert!(bad.contains("target_blob"), "{bad}");
+    let job = json(
+        app.admin(&[
+            "failover",
+            "--machine",
+            "m1",
+            "--point",
+            "latest-app",
+            "--target-blob",
+            "failover/site-a",
+            "--image-format",
+            "vhd",
+            "--json",
+        ]),
+        "failover to blob storage",
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        job["results"][0]["blob_targets"]["disk0"], "failover/site-a/m1/disk0.vhd",
+        "{job}"
+    );
+    let vhd = blob_dir.join("failover/site-a/m1/disk0.vhd");
+    let info: serde_json::Value = serde_json::from_slice(
+        &tool(
+            "qemu-img",
+            &["info", "--output=json", "-f", "vpc", vhd.to_str().unwrap()],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(info["virtual-size"].as_u64(), Some(DISK_SIZE as u64), "{info}");
+    let raw = work.join("from-vhd.raw");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "vpc",
+            "-O",
+            "raw",
+            vhd.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert_same_image(&std::fs::read(&raw).unwrap(), &at_point, "the VHD read by qemu-img");
+    app.restart();
+    assert_eq!(machine_state(&app, "m1"), "failed-over");
+
+    // The VM ran in the cloud and wrote to its disk (the image's data part); the on-premises
+    // disk changed too. Failback from the image writes exactly the blocks that differ.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&vhd).unwrap();
+        for b in [9usize, 120] {
+            f.seek(SeekFrom::Start((b * BLOCK + 512) as u64)).unwrap();
+            f.write_all(&[0x66; 3000]).unwrap();
+        }
+    }
+    let mut cloud = std::fs::read(&vhd).unwrap();
+    cloud.truncate(DISK_SIZE);
+    change_blocks(&disk, &[2, 200], 0x33);
+    let expect_written = differing_blocks(&std::fs::read(&disk).unwrap(), &cloud);
+    assert_eq!(expect_written, 4);
+    let job = json(
+        app.admin(&[
+            "failback",
+            "--machine",
+            "m1",
+            "--target",
+            &format!("m1/disk0={}", disk.display()),
+            "--json",
+        ]),
+        "failback from the blob image",
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        job["results"][0]["blocks_written"].as_u64(),
+        Some(expect_written as u64),
+        "{job}"
+    );
+    assert_same_image(
+        &std::fs::read(&disk).unwrap(),
+        &cloud,
+        "on-premises disk after failback",
+    );
+    let s = app.sync("m1", &[&disk]);
+    assert!(
+        s.bytes_sent < (DISK_SIZE / 4) as u64,
+        "re-protected without a full copy: {s:?}"
+    );
+}

@@ -15,7 +15,8 @@ use futures::future::BoxFuture;
 use gateway::consistency::Coordinator;
 use gateway::events::{Events, Severity};
 use gateway::journal::{Journal, CF_META};
-use lifeboat_fs::copy::{copy_view, CopyMode};
+use lifeboat_fs::blob_image::{write_image, BlobImageView, ImageFormat};
+use lifeboat_fs::copy::{copy_view, CopyMode, CopyStats};
 use lifeboat_fs::exports::PointExports;
 use lifeboat_fs::overlay::Overlay;
 use lifeboat_fs::pit::{PointInfo, Reader};
@@ -75,6 +76,13 @@ pub struct JobRequest {
     /// failback writes to.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub targets: BTreeMap<String, PathBuf>,
+    /// Failover to the cloud: write each disk as one object `PREFIX/MACHINE/DISK.img` (or
+    /// `.vhd`) in the appliance's blob storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_blob: Option<String>,
+    /// With `target_blob`: `raw` (default) or `vhd` (a fixed VHD that Azure imports as a disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_format: Option<String>,
     /// Failback source: `failover-copy` (default; the files the failover wrote, with whatever
     /// ran on them since) or `point` (the chosen recovery point).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,6 +130,9 @@ pub struct MachineResult {
     /// Failover / failback: the files or devices written, per disk.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub targets: BTreeMap<String, PathBuf>,
+    /// Failover to blob storage: the image objects written, per disk.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub blob_targets: BTreeMap<String, String>,
     #[serde(default)]
     pub blocks_compared: u64,
     #[serde(default)]
@@ -173,6 +184,12 @@ pub struct FailoverRecord {
     pub point_time: String,
     /// Disk → the file or device holding the failed-over copy.
     pub targets: BTreeMap<String, PathBuf>,
+    /// Disk → the image object in blob storage holding it (failover to the cloud).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub blob_targets: BTreeMap<String, String>,
+    /// `raw` or `vhd`, for the blob images.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image_format: String,
     pub committed: bool,
 }
 
@@ -641,11 +658,14 @@ impl Jobs {
             }
             let disks = self.reader.disks(m);
             match req.kind {
+                JobKind::Failover if req.target_blob.is_some() => {
+                    blob_image_target(req)?;
+                }
                 JobKind::Failover if req.target_dir.is_none() => {
                     for d in &disks {
                         if !req.targets.contains_key(&format!("{m}/{}", d.disk)) {
                             return Err(JobError::BadRequest(format!(
-                                "targets: no target for {m}/{} (give target_dir or targets)",
+                                "targets: no target for {m}/{} (give target_dir, targets or target_blob)",
                                 d.disk
                             )));
                         }
@@ -1088,7 +1108,34 @@ impl Jobs {
             point_time: point.time.clone(),
             ..Default::default()
         };
+        let blob_target = match &job.request.target_blob {
+            Some(_) => Some(blob_image_target(&job.request)?),
+            None => None,
+        };
         for d in self.reader.disks(machine) {
+            if let Some((prefix, format)) = &blob_target {
+                let path = format!("{prefix}/{machine}/{}.{}", d.disk, format.extension());
+                let view = self
+                    .reader
+                    .view(machine, &d.disk, point)
+                    .map_err(|e| JobError::Internal(e.to_string()))?;
+                let base = done.load(Ordering::Relaxed);
+                let stats = write_blob_image(
+                    Arc::new(view),
+                    self.reader.store().clone(),
+                    path.clone(),
+                    *format,
+                    done.clone(),
+                    base,
+                )
+                .await
+                .map_err(|e| JobError::Internal(format!("writing {path} to blob storage: {e}")))?;
+                done.store(base + d.size, Ordering::Relaxed);
+                result.bytes_written += stats.bytes_written;
+                result.blocks_written += stats.blocks_written;
+                result.blob_targets.insert(d.disk.clone(), path);
+                continue;
+            }
             let target = Self::target_of(&job.request, machine, &d.disk).expect("checked at submit");
             if let Some(parent) = target.parent().map(Path::to_owned) {
                 tokio::task::spawn_blocking(move || {
@@ -1116,6 +1163,10 @@ impl Jobs {
             point: point.id,
             point_time: point.time.clone(),
             targets: result.targets.clone(),
+            blob_targets: result.blob_targets.clone(),
+            image_format: blob_target
+                .map(|(_, f)| f.extension().replace("img", "raw"))
+                .unwrap_or_default(),
             committed: false,
         };
         let me = self.clone();
@@ -1195,18 +1246,30 @@ impl Jobs {
                     None => {
                         result.point = Some(rec.point);
                         result.point_time = rec.point_time.clone();
-                        let copy = rec.targets.get(&d.disk).ok_or_else(|| {
-                            JobError::Internal(format!("the failover of {machine} wrote no copy of {}", d.disk))
-                        })?;
-                        let copy = copy.clone();
-                        let view = tokio::task::spawn_blocking(move || {
-                            FileView::open(&copy).map_err(|e| {
-                                JobError::Internal(format!("opening the failed-over copy {}: {e}", copy.display()))
+                        if let Some(object) = rec.blob_targets.get(&d.disk) {
+                            let format = ImageFormat::parse(&rec.image_format).unwrap_or(ImageFormat::Raw);
+                            let view = BlobImageView::open(
+                                self.reader.store().clone(),
+                                object_store::path::Path::from(object.as_str()),
+                                format,
+                            )
+                            .await
+                            .map_err(|e| JobError::Internal(format!("opening the failed-over image {object}: {e}")))?;
+                            Arc::new(view) as Arc<dyn DiskView>
+                        } else {
+                            let copy = rec.targets.get(&d.disk).ok_or_else(|| {
+                                JobError::Internal(format!("the failover of {machine} wrote no copy of {}", d.disk))
+                            })?;
+                            let copy = copy.clone();
+                            let view = tokio::task::spawn_blocking(move || {
+                                FileView::open(&copy).map_err(|e| {
+                                    JobError::Internal(format!("opening the failed-over copy {}: {e}", copy.display()))
+                                })
                             })
-                        })
-                        .await
-                        .map_err(|e| JobError::Internal(e.to_string()))??;
-                        Arc::new(view)
+                            .await
+                            .map_err(|e| JobError::Internal(e.to_string()))??;
+                            Arc::new(view)
+                        }
                     }
                 };
                 let base = done.load(Ordering::Relaxed);
@@ -1247,13 +1310,52 @@ impl Jobs {
 /// `copy_view` with its progress added to the job's running total from `base`, as a boxed
 /// future: the job runner's future stays `Send` provable (rustc cannot see through the copy's
 /// stream of async blocks otherwise).
+/// [`write_image`] boxed, for the same reason as [`copy_boxed`].
+fn write_blob_image(
+    view: Arc<dyn DiskView>,
+    store: Arc<dyn object_store::ObjectStore>,
+    path: String,
+    format: ImageFormat,
+    done: Arc<AtomicU64>,
+    base: u64,
+) -> BoxFuture<'static, io::Result<CopyStats>> {
+    Box::pin(async move {
+        let path = object_store::path::Path::from(path.as_str());
+        write_image(view, store.as_ref(), &path, format, move |n, _| {
+            done.store(base + n, Ordering::Relaxed)
+        })
+        .await
+    })
+}
+
+/// The checked prefix and format of a failover to blob storage. The prefix must not reach into
+/// the appliance's own objects (`machines/`, the keyring).
+fn blob_image_target(req: &JobRequest) -> Result<(String, ImageFormat), JobError> {
+    let prefix = req.target_blob.as_deref().unwrap_or_default().trim_matches('/');
+    let ok = !prefix.is_empty()
+        && prefix.split('/').all(gateway::server::valid_name)
+        && !["machines", "keyring.json"].contains(&prefix.split('/').next().unwrap_or_default());
+    if !ok {
+        return Err(JobError::BadRequest(format!(
+            "target_blob: {prefix:?} is not a usable prefix (names of letters, digits, '-', '_', '.', \
+             separated by '/'; not under machines/)"
+        )));
+    }
+    let format = match req.image_format.as_deref() {
+        None => ImageFormat::Raw,
+        Some(f) => ImageFormat::parse(f)
+            .ok_or_else(|| JobError::BadRequest(format!("image_format: {f:?} is neither raw nor vhd")))?,
+    };
+    Ok((prefix.to_string(), format))
+}
+
 fn copy_boxed(
     view: Arc<dyn DiskView>,
     target: PathBuf,
     mode: CopyMode,
     done: Arc<AtomicU64>,
     base: u64,
-) -> BoxFuture<'static, io::Result<lifeboat_fs::copy::CopyStats>> {
+) -> BoxFuture<'static, io::Result<CopyStats>> {
     Box::pin(async move { copy_view(view, &target, mode, move |n, _| done.store(base + n, Ordering::Relaxed)).await })
 }
 

@@ -226,7 +226,7 @@ fn openapi() -> serde_json::Value {
     let mut machines_responses = errors;
     machines_responses["200"] = serde_json::json!({"description": "protected machines and their disks",
         "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}}}}});
-    serde_json::json!({
+    let mut doc = serde_json::json!({
         "openapi": "3.0.3",
         "info": {"title": "Lifeboat management API", "version": env!("CARGO_PKG_VERSION")},
         "security": [{"admin": []}],
@@ -257,7 +257,10 @@ fn openapi() -> serde_json::Value {
                     "disk": {"type": "string"}, "size": {"type": "integer"},
                     "acked_through": {"type": "integer"}, "uploaded_through": {"type": "integer"}}},
                 "Machine": {"type": "object", "properties": {
-                    "machine": {"type": "string"}, "disks": {"type": "array", "items": {"$ref": "#/components/schemas/Disk"}}}},
+                    "machine": {"type": "string"},
+                    "state": {"type": "string", "enum": ["initial-sync", "protected", "resync-required", "test-failover", "failed-over"]},
+                    "policy": {"type": "string"}, "group": {"type": "string"}, "latest_point": {"type": "integer"},
+                    "disks": {"type": "array", "items": {"$ref": "#/components/schemas/Disk"}}}},
                 "Policy": {"type": "object", "additionalProperties": false,
                     "required": ["crash_consistent_interval", "app_consistent_interval", "retention", "rpo_threshold"],
                     "properties": {
@@ -275,7 +278,21 @@ fn openapi() -> serde_json::Value {
                     "readable": {"type": "boolean"}}}
             }
         }
-    })
+    });
+    let (paths, schemas) = crate::operations::openapi();
+    for (section, extra) in [("paths", paths), ("schemas", schemas)] {
+        let target = if section == "paths" {
+            &mut doc["paths"]
+        } else {
+            &mut doc["components"]["schemas"]
+        };
+        if let (Some(t), serde_json::Value::Object(extra)) = (target.as_object_mut(), extra) {
+            t.extend(extra);
+        }
+    }
+    doc["components"]["securitySchemes"]["process_server"] = serde_json::json!({"type": "http", "scheme": "bearer",
+        "description": "the token a scale-out process server got when it registered"});
+    doc
 }
 
 fn reader(s: &ManagementState) -> Result<Arc<Reader>, (StatusCode, Json<ErrorBody>)> {

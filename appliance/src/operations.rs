@@ -467,3 +467,108 @@ pub fn routes() -> Router<Arc<ManagementState>> {
         .route("/api/events", get(events))
         .route("/api/machines/{machine}/bookmark", post(ask_bookmark))
 }
+
+/// The OpenAPI paths and schemas of these operations (and of `/api/mounts`), merged into the
+/// management API's document.
+pub fn openapi() -> (serde_json::Value, serde_json::Value) {
+    use serde_json::json;
+    let name = |what: &str| json!({"name": what, "in": "path", "required": true, "schema": {"type": "string"}});
+    let id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}});
+    let err = json!({"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}});
+    let body = |schema: &str| json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+    let one = |d: &str, schema: &str| json!({"description": d, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+    let many = |d: &str, schema: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": format!("#/components/schemas/{schema}")}}}}});
+    let e = |d: &str| json!({"description": d, "content": err.clone()});
+    let paths = json!({
+        "/api/agents": {"get": {"summary": "registered mobility agents", "responses": {"200": many("agents", "Agent")}}},
+        "/api/process-servers": {"get": {"summary": "process servers: the local one and scale-out ones", "responses": {"200": many("process servers", "ProcessServer")}}},
+        "/api/process-servers/register": {"post": {"summary": "a scale-out process server registers (passphrase in the body, no admin token)", "security": [],
+            "requestBody": body("ProcessServerRegistration"),
+            "responses": {"200": one("its token", "ProcessServerToken"), "400": e("invalid name, address or certificate"), "401": e("wrong passphrase")}}},
+        "/api/process-servers/{name}/heartbeat": {"put": {"summary": "a process server's heartbeat (its own bearer token)", "security": [{"process_server": []}], "parameters": [name("name")],
+            "requestBody": body("Heartbeat"),
+            "responses": {"200": one("the machines assigned to it", "HeartbeatAnswer"), "401": e("wrong token"), "404": e("unknown process server")}}},
+        "/api/machines/{machine}/process-server": {"put": {"summary": "send a machine's agent to a process server (`local`: this appliance)", "parameters": [name("machine")],
+            "requestBody": body("ProcessServerAssignment"),
+            "responses": {"200": one("assigned", "ProcessServerAssignment"), "404": e("unknown process server")}}},
+        "/api/machines/{machine}/resync": {"post": {"summary": "mark a machine resync-required (its next sync compares every block)", "parameters": [name("machine")],
+            "responses": {"202": {"description": "marked"}, "404": e("unknown machine")}}},
+        "/api/machines/{machine}/bookmark": {"post": {"summary": "ask the machine's agent (its group's agents) for an app-consistent point now", "parameters": [name("machine")],
+            "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"label": {"type": "string"}}}}}},
+            "responses": {"200": one("asked", "BookmarkAsked"), "404": e("unknown machine")}}},
+        "/api/groups": {"get": {"summary": "replication groups", "responses": {"200": many("groups", "NamedGroup")}}},
+        "/api/groups/{name}": {
+            "put": {"summary": "create or replace a replication group", "parameters": [name("name")], "requestBody": body("Group"),
+                "responses": {"200": one("saved", "NamedGroup"), "400": e("invalid group (the message names the field)"), "404": e("unknown policy"), "409": e("a machine is in another group")}},
+            "delete": {"summary": "delete a replication group", "parameters": [name("name")], "responses": {"204": {"description": "deleted"}, "404": e("unknown group")}}},
+        "/api/plans": {"get": {"summary": "recovery plans", "responses": {"200": many("plans", "NamedPlan")}}},
+        "/api/plans/{name}": {
+            "put": {"summary": "create or replace a recovery plan", "parameters": [name("name")], "requestBody": body("Plan"),
+                "responses": {"200": one("saved", "NamedPlan"), "400": e("invalid plan")}},
+            "delete": {"summary": "delete a recovery plan", "parameters": [name("name")], "responses": {"204": {"description": "deleted"}, "404": e("unknown plan")}}},
+        "/api/jobs": {
+            "get": {"summary": "jobs, newest first", "responses": {"200": many("jobs", "Job")}},
+            "post": {"summary": "start a job: test failover, cleanup, failover, commit, failback", "requestBody": body("JobRequest"),
+                "responses": {"202": one("started", "Job"), "400": e("invalid request (the message names the field)"), "404": e("unknown machine or plan"), "409": e("the machine is already in that state, or another job holds it")}}},
+        "/api/jobs/{id}": {"get": {"summary": "one job with live progress", "parameters": [id.clone()], "responses": {"200": one("the job", "Job"), "404": e("unknown job")}}},
+        "/api/jobs/{id}/resume": {"post": {"summary": "resume a job paused at a manual step", "parameters": [id], "responses": {"200": one("resumed", "Job"), "404": e("unknown job"), "409": e("not paused")}}},
+        "/api/events": {"get": {"summary": "the event log, oldest first",
+            "parameters": [{"name": "after", "in": "query", "schema": {"type": "integer"}}, {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 10000}},
+                {"name": "machine", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": many("events", "Event")}}},
+        "/api/mounts": {"get": {"summary": "`lifeboat mount` clients running now", "responses": {"200": many("mount sessions", "MountSession")}}},
+        "/api/mounts/{id}": {
+            "put": {"summary": "announce or renew a mount session (a lease of 30 s)", "parameters": [name("id")], "requestBody": body("MountSession"),
+                "responses": {"200": one("renewed", "MountSession"), "400": e("invalid id")}},
+            "delete": {"summary": "end a mount session", "parameters": [name("id")], "responses": {"204": {"description": "ended"}, "404": e("no such session")}}}
+    });
+    let str_ = json!({"type": "string"});
+    let int = json!({"type": "integer"});
+    let strings = json!({"type": "array", "items": {"type": "string"}});
+    let schemas = json!({
+        "Agent": {"type": "object", "properties": {"machine": str_, "version": str_, "registered_ms": int, "last_seen_ms": int}},
+        "ProcessServer": {"type": "object", "properties": {"name": str_, "address": str_, "local": {"type": "boolean"},
+            "state": {"type": "string", "enum": ["ok", "unreachable"]}, "version": str_, "last_seen_ms": int,
+            "cache_used_bytes": int, "cache_limit_bytes": int, "machines": strings, "assigned": strings}},
+        "ProcessServerRegistration": {"type": "object", "required": ["name", "address", "certificate_pem", "passphrase"], "properties": {
+            "name": str_, "address": {"type": "string", "description": "HOST:PORT agents use"}, "certificate_pem": str_,
+            "version": str_, "passphrase": str_, "heartbeat_interval_ms": int}},
+        "ProcessServerToken": {"type": "object", "properties": {"name": str_, "token": str_}},
+        "Heartbeat": {"type": "object", "required": ["cache_used_bytes", "cache_limit_bytes", "machines"], "properties": {
+            "cache_used_bytes": int, "cache_limit_bytes": int, "machines": strings, "version": str_}},
+        "HeartbeatAnswer": {"type": "object", "properties": {"assigned": strings}},
+        "ProcessServerAssignment": {"type": "object", "required": ["process_server"], "properties": {"machine": str_, "process_server": str_}},
+        "BookmarkAsked": {"type": "object", "properties": {"machine": str_, "request": int}},
+        "Group": {"type": "object", "required": ["machines"], "properties": {"machines": strings, "policy": {"type": "string", "default": "default"}}},
+        "NamedGroup": {"allOf": [{"$ref": "#/components/schemas/Group"}, {"type": "object", "properties": {"name": str_}}]},
+        "PlanStep": {"oneOf": [
+            {"type": "object", "required": ["type", "machines"], "properties": {"type": {"enum": ["machines"]}, "machines": strings}},
+            {"type": "object", "required": ["type", "command"], "properties": {"type": {"enum": ["script"]}, "command": str_, "timeout": {"type": "string", "example": "10m"}}},
+            {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["pause"]}, "message": str_}}]},
+        "Plan": {"type": "object", "required": ["steps"], "properties": {"steps": {"type": "array", "items": {"$ref": "#/components/schemas/PlanStep"}}}},
+        "NamedPlan": {"allOf": [{"$ref": "#/components/schemas/Plan"}, {"type": "object", "properties": {"name": str_}}]},
+        "JobRequest": {"type": "object", "required": ["kind"], "properties": {
+            "kind": {"type": "string", "enum": ["test-failover", "test-failover-cleanup", "failover", "failover-commit", "failback"]},
+            "plan": str_, "machines": strings,
+            "point": {"type": "string", "description": "latest (default), latest-app, a point id, or an RFC 3339 time"},
+            "target_dir": {"type": "string", "description": "failover: DIR/MACHINE/DISK.img"},
+            "targets": {"type": "object", "additionalProperties": {"type": "string"}, "description": "MACHINE/DISK → file or device"},
+            "target_blob": {"type": "string", "description": "failover to blob storage: PREFIX/MACHINE/DISK.img|vhd"},
+            "image_format": {"type": "string", "enum": ["raw", "vhd"]},
+            "source": {"type": "string", "enum": ["failover-copy", "point"]}}},
+        "MachineResult": {"type": "object", "properties": {"machine": str_, "point": int, "point_time": str_, "exports": strings,
+            "targets": {"type": "object", "additionalProperties": {"type": "string"}},
+            "blob_targets": {"type": "object", "additionalProperties": {"type": "string"}},
+            "blocks_compared": int, "blocks_written": int, "bytes_written": int}},
+        "Job": {"type": "object", "properties": {"id": int, "request": {"$ref": "#/components/schemas/JobRequest"},
+            "state": {"type": "string", "enum": ["running", "paused", "succeeded", "failed"]}, "step": int,
+            "steps": {"type": "array", "items": {"type": "object", "properties": {"step": str_, "state": str_, "message": str_}}},
+            "created_ms": int, "updated_ms": int, "progress_done_bytes": int, "progress_total_bytes": int,
+            "results": {"type": "array", "items": {"$ref": "#/components/schemas/MachineResult"}}, "error": str_}},
+        "Event": {"type": "object", "properties": {"id": int, "time_ms": int, "severity": {"type": "string", "enum": ["info", "warning", "error"]},
+            "kind": str_, "machine": str_, "message": str_}},
+        "MountSession": {"type": "object", "required": ["host", "mountpoint"], "properties": {"id": str_, "host": str_, "mountpoint": str_,
+            "machine": str_, "pid": int, "since_ms": int, "last_seen_ms": int}}
+    });
+    (paths, schemas)
+}

@@ -142,6 +142,13 @@ pub struct FailoverArgs {
     /// Failover: MACHINE/DISK=PATH, a file or block device for one disk.
     #[arg(long = "target")]
     targets: Vec<String>,
+    /// Failover to the cloud: write each disk as the object PREFIX/MACHINE/DISK.img (or .vhd)
+    /// in the appliance's blob storage.
+    #[arg(long, value_name = "PREFIX")]
+    target_blob: Option<String>,
+    /// With --target-blob: raw, or vhd (a fixed VHD that Azure imports as a managed disk).
+    #[arg(long, requires = "target_blob", value_parser = ["raw", "vhd"])]
+    image_format: Option<String>,
     #[command(flatten)]
     wait: WaitArgs,
 }
@@ -393,6 +400,8 @@ pub async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
         point: Some(a.point),
         target_dir: a.target_dir.map(|d| std::path::absolute(d).unwrap_or_default()),
         targets: parse_targets(&a.targets)?,
+        target_blob: a.target_blob,
+        image_format: a.image_format,
         source: None,
     };
     run_job(&a.conn, &req, &a.wait).await
@@ -406,6 +415,8 @@ pub async fn failback(a: FailbackArgs) -> anyhow::Result<()> {
         point: Some(a.point),
         target_dir: None,
         targets: parse_targets(&a.targets)?,
+        target_blob: None,
+        image_format: None,
         source: Some(a.source),
     };
     run_job(&a.conn, &req, &a.wait).await

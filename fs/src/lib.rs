@@ -3,6 +3,7 @@
 //! serves them to standard clients; [`retention`] drops expired points and rolls their log into
 //! the base image.
 
+pub mod blob_image;
 pub mod copy;
 pub mod exports;
 pub mod fuse;

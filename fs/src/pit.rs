@@ -105,6 +105,11 @@ pub fn format_time(ms: u64) -> String {
 
 impl Reader {
     /// `cache_bytes`: the most decompressed chunk bytes kept in memory.
+    /// The blob storage the points are read from.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     pub fn new(journal: Journal, store: Arc<dyn ObjectStore>, kek: Key, cache_bytes: u64) -> Arc<Self> {
         let items = (cache_bytes / (1 << 20)).max(16) as usize;
         Arc::new(Self {
