@@ -445,6 +445,12 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
     );
 }
 
+/// Waits until blob storage holds `machine`'s disk0 through `seq`, then replays it from there.
+async fn replay_uploaded(store: &dyn object_store::ObjectStore, machine: &str, seq: u64, out: &Path) -> Vec<u8> {
+    wait_uploaded(store, machine, "disk0", seq, Duration::from_secs(60)).await;
+    replay(store, machine, "disk0", DISK_SIZE as u64, None, out).await
+}
+
 fn process_servers(app: &Appliance) -> serde_json::Value {
     json(
         app.admin(&["process-servers", "list", "--json"]),
@@ -565,20 +571,10 @@ async fn scale_out_process_server_takes_the_machines_assigned_to_it() {
     assert_eq!(agent_machines, ["m1"], "m2's agent registered at ps2, not here");
     // ps2 wrote m2's log to the shared blob storage: it replays byte for byte.
     let store = blob.store();
-    wait_uploaded(
+    let replayed = replay_uploaded(
         store.as_ref(),
         "m2",
-        "disk0",
         s2.disks[0].last_seq,
-        Duration::from_secs(60),
-    )
-    .await;
-    let replayed = replay(
-        store.as_ref(),
-        "m2",
-        "disk0",
-        DISK_SIZE as u64,
-        None,
         &work.join("m2-replayed.img"),
     )
     .await;
@@ -719,23 +715,7 @@ async fn a_sequence_gap_is_detected_and_resynchronised_without_losing_the_log() 
         s4.disks[0].last_seq > s2.disks[0].last_seq,
         "sequence numbers go on after the adopted log"
     );
-    wait_uploaded(
-        store.as_ref(),
-        "m1",
-        "disk0",
-        s4.disks[0].last_seq,
-        Duration::from_secs(60),
-    )
-    .await;
-    let replayed = replay(
-        store.as_ref(),
-        "m1",
-        "disk0",
-        DISK_SIZE as u64,
-        None,
-        &work.join("r2.img"),
-    )
-    .await;
+    let replayed = replay_uploaded(store.as_ref(), "m1", s4.disks[0].last_seq, &work.join("r2.img")).await;
     assert_same_image(
         &replayed,
         &std::fs::read(&disk).unwrap(),
@@ -764,6 +744,12 @@ async fn failover_to_a_vhd_in_blob_storage_and_failback_from_it() {
             .unwrap(),
         "bookmark",
     );
+    // The point is readable once its log is in blob storage.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app_points(&app, "m1").is_empty() {
+        assert!(Instant::now() < deadline, "the bookmark never became readable");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let bad = refused(
         app.admin(&["failover", "--machine", "m1", "--target-blob", "machines/x"]),
