@@ -31,9 +31,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig, OpenAccMode, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, OpenAccMode,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request,
 };
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -203,6 +203,8 @@ struct Listing {
 
 /// A directory entry: name, inode, type.
 type Entry = (OsString, u64, FileType);
+/// Receives a directory listing.
+type ListDone = Box<dyn FnOnce(Result<(Arc<Node>, Arc<Vec<Entry>>), Errno>) + Send>;
 
 enum Open {
     /// A raw image: `[base, base + len)` of a view.
@@ -664,6 +666,45 @@ impl Inner {
         self.open.lock().expect("lock").get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
+    /// The entries of directory `ino` open as `fh`, read once per handle; `done` gets them (on a
+    /// worker for partitions read through `ext4-view`).
+    fn list(self: &Arc<Self>, ino: INodeNo, fh: FileHandle, done: ListDone) {
+        let (node, open) = match (self.node(ino), self.handle(fh)) {
+            (Ok(n), Ok(o)) => (n, o),
+            (Err(e), _) | (_, Err(e)) => return done(Err(e)),
+        };
+        let Open::Dir { entries } = &*open else {
+            return done(Err(Errno::ENOTDIR));
+        };
+        if let Some(list) = entries.lock().expect("lock").clone() {
+            return done(Ok((node, list)));
+        }
+        if matches!(node.kind, Kind::Ext4 { .. }) {
+            let (open2, node2) = (open.clone(), node.clone());
+            return self.ext4_list(
+                node,
+                Box::new(move |list| match list {
+                    Ok(list) => {
+                        let list = Arc::new(list);
+                        if let Open::Dir { entries } = &*open2 {
+                            *entries.lock().expect("lock") = Some(list.clone());
+                        }
+                        done(Ok((node2, list)))
+                    }
+                    Err(e) => done(Err(e)),
+                }),
+            );
+        }
+        match self.children(&node) {
+            Ok(list) => {
+                let list = Arc::new(list);
+                *entries.lock().expect("lock") = Some(list.clone());
+                done(Ok((node, list)))
+            }
+            Err(e) => done(Err(e)),
+        }
+    }
+
     /// Looks up `name` in an ext4 directory on its worker and replies.
     fn ext4_lookup(self: &Arc<Self>, dir: Arc<Node>, name: &OsStr, reply: ReplyEntry) {
         let Kind::Ext4 { part, path, time, .. } = &dir.kind else {
@@ -828,6 +869,27 @@ fn page(node: &Node, entries: &[Entry], offset: u64, mut reply: ReplyDirectory) 
     reply.ok();
 }
 
+/// Replies one page of a listing with every entry's attributes (READDIRPLUS); each entry
+/// returned counts as a lookup for the kernel, as after LOOKUP.
+fn page_plus(inner: &Inner, node: &Node, entries: &[Entry], offset: u64, mut reply: ReplyDirectoryPlus) {
+    let dots = [
+        (OsString::from("."), node.ino, FileType::Directory),
+        (OsString::from(".."), node.parent, FileType::Directory),
+    ];
+    for (i, (name, ino, _)) in dots.iter().chain(entries.iter()).enumerate().skip(offset as usize) {
+        let attr = inner.node(INodeNo(*ino)).and_then(|n| inner.attr(&n));
+        let (a, ttl) = match attr {
+            Ok(x) => x,
+            // Vanished since it was listed (a point retention removed): leave it out.
+            Err(_) => continue,
+        };
+        if reply.add(INodeNo(*ino), i as u64 + 1, name, &ttl, &a, Generation(0)) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
 /// SEEK_DATA / SEEK_HOLE over a view's extents, within `[base, base + len)`.
 async fn seek(view: &dyn DiskView, base: u64, len: u64, offset: u64, whence: i32) -> Result<i64, Errno> {
     if offset >= len {
@@ -863,6 +925,11 @@ impl fuser::Filesystem for LifeboatFs {
         let _ = config.set_max_readahead(MAX_READ);
         let _ = config.set_max_write(MAX_READ);
         let _ = config.set_max_background(64);
+        // Listings carry every entry's attributes, so reading a directory's files needs no
+        // LOOKUP per file (the names and attributes never change inside a point).
+        if config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS).is_err() {
+            debug!("kernel without READDIRPLUS: one LOOKUP per name");
+        }
         Ok(())
     }
 
@@ -1156,45 +1223,32 @@ impl fuser::Filesystem for LifeboatFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        let inner = &self.inner;
-        let (node, open) = match (inner.node(ino), inner.handle(fh)) {
-            (Ok(n), Ok(o)) => (n, o),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
-        let Open::Dir { entries } = &*open else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        if let Some(list) = entries.lock().expect("lock").clone() {
-            return page(&node, &list, offset, reply);
-        }
-        if matches!(node.kind, Kind::Ext4 { .. }) {
-            let (open2, node2) = (open.clone(), node.clone());
-            return inner.ext4_list(
-                node,
-                Box::new(move |list| match list {
-                    Ok(list) => {
-                        let list = Arc::new(list);
-                        if let Open::Dir { entries } = &*open2 {
-                            *entries.lock().expect("lock") = Some(list.clone());
-                        }
-                        page(&node2, &list, offset, reply);
-                    }
-                    Err(e) => reply.error(e),
-                }),
-            );
-        }
-        match inner.children(&node) {
-            Ok(list) => {
-                let list = Arc::new(list);
-                *entries.lock().expect("lock") = Some(list.clone());
-                page(&node, &list, offset, reply);
-            }
-            Err(e) => reply.error(e),
-        }
+        self.inner.list(
+            ino,
+            fh,
+            Box::new(move |got| match got {
+                Ok((node, list)) => page(&node, &list, offset, reply),
+                Err(e) => reply.error(e),
+            }),
+        );
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let inner = self.inner.clone();
+        self.inner.list(
+            ino,
+            fh,
+            Box::new(move |got| match got {
+                Ok((node, list)) => page_plus(&inner, &node, &list, offset, reply),
+                Err(e) => reply.error(e),
+            }),
+        );
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        // Nothing to flush on a read-only tree: ENOSYS tells the kernel to stop sending FLUSH,
+        // which saves a round trip on every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
