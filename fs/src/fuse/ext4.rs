@@ -171,10 +171,27 @@ impl Ext4Read for PartReader {
     }
 }
 
+/// Files a worker keeps open (by node inode) before it starts over.
+const WORKER_FILES: usize = 256;
+
 /// What a worker thread owns: its filesystem handle and the files opened on it.
 pub struct Worker {
     pub fs: Ext4,
     pub files: HashMap<u64, ext4_view::File>,
+}
+
+impl Worker {
+    /// The file at `path`, opened once and kept under `key` (at most [`WORKER_FILES`]).
+    pub fn file(&mut self, key: u64, path: &[u8]) -> Result<&mut ext4_view::File, Ext4Error> {
+        if !self.files.contains_key(&key) {
+            if self.files.len() >= WORKER_FILES {
+                self.files.clear();
+            }
+            let f = self.fs.open(ext4_view::Path::new(path))?;
+            self.files.insert(key, f);
+        }
+        Ok(self.files.get_mut(&key).expect("inserted"))
+    }
 }
 
 /// A job for a worker; `None` when this worker could not load the filesystem.

@@ -26,7 +26,7 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -206,16 +206,20 @@ type Entry = (OsString, u64, FileType);
 /// Receives a directory listing.
 type ListDone = Box<dyn FnOnce(Result<(Arc<Node>, Arc<Vec<Entry>>), Errno>) + Send>;
 
-enum Open {
+/// How a regular file's bytes are read, resolved once from its node (not per open: opens are
+/// zero-message where the kernel allows) and kept in the bounded [`Inner::files`] cache.
+enum FileRead {
     /// A raw image: `[base, base + len)` of a view.
     Raw {
-        view: Arc<dyn DiskView>,
         cache: Arc<ChunkCache>,
+        view: Arc<dyn DiskView>,
         base: u64,
         len: u64,
     },
+    /// A file of a partition read through `ext4-view` (workers open it by path).
     Ext4 {
         part: Arc<Ext4Part>,
+        path: Vec<u8>,
         size: u64,
     },
     /// A file read by inode: its block runs.
@@ -224,9 +228,23 @@ enum Open {
         runs: Arc<Vec<inodes::Run>>,
         size: u64,
     },
-    Dir {
-        entries: Mutex<Option<Arc<Vec<Entry>>>>,
-    },
+}
+
+#[derive(Clone)]
+struct FileWeight;
+
+impl quick_cache::Weighter<u64, Arc<FileRead>> for FileWeight {
+    fn weight(&self, _key: &u64, val: &Arc<FileRead>) -> u64 {
+        match &**val {
+            FileRead::Inode { runs, .. } => runs.len() as u64 + 1,
+            _ => 1,
+        }
+    }
+}
+
+/// An open directory: its listing, read on the handle's first READDIR.
+struct DirHandle {
+    entries: Mutex<Option<Arc<Vec<Entry>>>>,
 }
 
 struct Inner {
@@ -238,8 +256,14 @@ struct Inner {
     disks: Mutex<HashMap<(String, u64, String), Arc<DiskRef>>>,
     caches: Mutex<HashMap<(String, u64, String), Arc<ChunkCache>>>,
     raw_caches: Mutex<HashMap<(String, u64, String), Arc<ChunkCache>>>,
-    open: Mutex<HashMap<u64, Arc<Open>>>,
+    /// Open directories by handle.
+    open: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+    /// How files are read, by node inode (up to ~2M block runs in all).
+    files: quick_cache::sync::Cache<u64, Arc<FileRead>, FileWeight>,
+    /// The kernel takes ENOSYS from OPEN as "no opens needed" (FUSE_NO_OPEN_SUPPORT): no OPEN
+    /// nor RELEASE round trip per file after the first.
+    zero_open: AtomicBool,
     uid: u32,
     gid: u32,
     started: SystemTime,
@@ -291,6 +315,8 @@ impl LifeboatFs {
                 raw_caches: Mutex::new(HashMap::new()),
                 open: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
+                files: quick_cache::sync::Cache::with_weighter(16384, 1 << 21, FileWeight),
+                zero_open: AtomicBool::new(false),
                 uid,
                 gid,
                 started: SystemTime::now(),
@@ -656,14 +682,66 @@ impl Inner {
         }
     }
 
-    fn new_fh(&self, open: Open) -> u64 {
+    fn new_fh(&self, dir: DirHandle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().expect("lock").insert(fh, Arc::new(open));
+        self.open.lock().expect("lock").insert(fh, Arc::new(dir));
         fh
     }
 
-    fn handle(&self, fh: FileHandle) -> Result<Arc<Open>, Errno> {
+    fn handle(&self, fh: FileHandle) -> Result<Arc<DirHandle>, Errno> {
         self.open.lock().expect("lock").get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// How the file of `node` is read (blocking the first time: opens the view or reads the
+    /// inode and its extent tree). A node outlives the point it shows, so a file keeps reading
+    /// after its point vanished from the listing.
+    fn file_of(&self, node: &Node) -> Result<Arc<FileRead>, Errno> {
+        if let Some(f) = self.files.get(&node.ino) {
+            return Ok(f);
+        }
+        let raw = |disk: &DiskRef, base: u64, len: u64| match self.rt.block_on(self.view(disk)) {
+            Ok(view) => Ok(FileRead::Raw {
+                cache: self.raw_cache(disk, view.clone()),
+                view,
+                base,
+                len,
+            }),
+            Err(e) => Err(eio(format!(
+                "opening {}/{}@{}: {e}",
+                disk.machine, disk.disk, disk.point
+            ))),
+        };
+        let file = match &node.kind {
+            Kind::DiskImg(d) => raw(d, 0, d.size)?,
+            Kind::PartImg { disk, start, len } => raw(disk, *start, *len)?,
+            Kind::Ext4 { part, ino, .. } if part.fast.is_some() => {
+                let fs = part.fast.as_ref().expect("checked");
+                let inode = fs.inode(*ino).map_err(|e| io_errno(&e))?;
+                match inode.meta.kind {
+                    FileType::Directory => return Err(Errno::EISDIR),
+                    FileType::RegularFile => FileRead::Inode {
+                        runs: Arc::new(fs.map(&inode).map_err(|e| io_errno(&e))?),
+                        fs: fs.clone(),
+                        size: inode.meta.size,
+                    },
+                    _ => return Err(Errno::EACCES),
+                }
+            }
+            Kind::Ext4 { part, path, meta, .. } => {
+                if meta.get().is_some_and(|m| m.kind == FileType::Directory) {
+                    return Err(Errno::EISDIR);
+                }
+                FileRead::Ext4 {
+                    part: part.clone(),
+                    path: path.clone(),
+                    size: meta.get().map(|m| m.size).unwrap_or(0),
+                }
+            }
+            _ => return Err(Errno::EISDIR),
+        };
+        let file = Arc::new(file);
+        self.files.insert(node.ino, file.clone());
+        Ok(file)
     }
 
     /// The entries of directory `ino` open as `fh`, read once per handle; `done` gets them (on a
@@ -673,9 +751,7 @@ impl Inner {
             (Ok(n), Ok(o)) => (n, o),
             (Err(e), _) | (_, Err(e)) => return done(Err(e)),
         };
-        let Open::Dir { entries } = &*open else {
-            return done(Err(Errno::ENOTDIR));
-        };
+        let entries = &open.entries;
         if let Some(list) = entries.lock().expect("lock").clone() {
             return done(Ok((node, list)));
         }
@@ -686,9 +762,7 @@ impl Inner {
                 Box::new(move |list| match list {
                     Ok(list) => {
                         let list = Arc::new(list);
-                        if let Open::Dir { entries } = &*open2 {
-                            *entries.lock().expect("lock") = Some(list.clone());
-                        }
+                        *open2.entries.lock().expect("lock") = Some(list.clone());
                         done(Ok((node2, list)))
                     }
                     Err(e) => done(Err(e)),
@@ -927,6 +1001,8 @@ impl fuser::Filesystem for LifeboatFs {
         let _ = config.set_max_background(64);
         // Listings carry every entry's attributes, so reading a directory's files needs no
         // LOOKUP per file (the names and attributes never change inside a point).
+        let zero_open = config.capabilities().contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.inner.zero_open.store(zero_open, Ordering::Relaxed);
         if config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS).is_err() {
             debug!("kernel without READDIRPLUS: one LOOKUP per name");
         }
@@ -1037,97 +1113,32 @@ impl fuser::Filesystem for LifeboatFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let raw = match &node.kind {
-            Kind::DiskImg(d) => Some((d.clone(), 0, d.size)),
-            Kind::PartImg { disk, start, len } => Some((disk.clone(), *start, *len)),
-            _ => None,
-        };
-        if let Some((disk, base, len)) = raw {
-            return match inner.rt.block_on(inner.view(&disk)) {
-                Ok(view) => {
-                    let cache = inner.raw_cache(&disk, view.clone());
-                    let fh = inner.new_fh(Open::Raw { view, cache, base, len });
-                    reply.opened(FileHandle(fh), FopenFlags::empty())
-                }
-                Err(e) => reply.error(eio(format!(
-                    "opening {}/{}@{}: {e}",
-                    disk.machine, disk.disk, disk.point
-                ))),
-            };
-        }
-        match &node.kind {
-            Kind::Ext4 { part, ino, .. } if part.fast.is_some() => {
-                let fs = part.fast.as_ref().expect("checked");
-                let opened = fs.inode(*ino).and_then(|i| match i.meta.kind {
-                    FileType::Directory => Err(io::ErrorKind::IsADirectory.into()),
-                    FileType::RegularFile => Ok((fs.map(&i)?, i.meta.size)),
-                    _ => Err(io::ErrorKind::PermissionDenied.into()),
-                });
-                match opened {
-                    Ok((runs, size)) => {
-                        let fh = inner.new_fh(Open::Inode {
-                            fs: fs.clone(),
-                            runs: Arc::new(runs),
-                            size,
-                        });
-                        // Points never change: pages cached by the kernel stay valid.
-                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::IsADirectory => reply.error(Errno::EISDIR),
-                    Err(e) => reply.error(io_errno(&e)),
-                }
-            }
-            Kind::Ext4 { part, path, meta, .. } => {
-                if meta.get().is_some_and(|m| m.kind == FileType::Directory) {
-                    return reply.error(Errno::EISDIR);
-                }
-                let size = meta.get().map(|m| m.size).unwrap_or(0);
-                let fh = inner.new_fh(Open::Ext4 {
-                    part: part.clone(),
-                    size,
-                });
-                let (me, path) = (inner.clone(), path.clone());
-                part.run_on(
-                    fh,
-                    Box::new(move |w| {
-                        let Some(w) = w else {
-                            me.open.lock().expect("lock").remove(&fh);
-                            return reply.error(Errno::EIO);
-                        };
-                        match w.fs.open(ext4_view::Path::new(&path)) {
-                            Ok(f) => {
-                                w.files.insert(fh, f);
-                                reply.opened(FileHandle(fh), FopenFlags::empty());
-                            }
-                            Err(e) => {
-                                me.open.lock().expect("lock").remove(&fh);
-                                reply.error(ext4::errno(&e));
-                            }
-                        }
-                    }),
-                );
-            }
-            _ => reply.error(Errno::EISDIR),
+        match inner.file_of(&node) {
+            // Zero-message opens: the kernel sends no OPEN nor RELEASE for files from now on, and
+            // reads name the inode (the page cache is kept, as points never change).
+            Ok(_) if inner.zero_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
         }
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let open = match self.inner.handle(fh) {
-            Ok(o) => o,
+        let file = match self.inner.node(ino).and_then(|n| self.inner.file_of(&n)) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        match &*open {
-            Open::Raw { cache, base, len, .. } => {
+        match &*file {
+            FileRead::Raw { cache, base, len, .. } => {
                 if offset >= *len {
                     return reply.data(&[]);
                 }
@@ -1141,7 +1152,7 @@ impl fuser::Filesystem for LifeboatFs {
                     }
                 });
             }
-            Open::Inode { fs, runs, size: fsize } => {
+            FileRead::Inode { fs, runs, size: fsize } => {
                 if offset >= *fsize {
                     return reply.data(&[]);
                 }
@@ -1155,12 +1166,17 @@ impl fuser::Filesystem for LifeboatFs {
                     }
                 });
             }
-            Open::Ext4 { part, .. } => {
+            FileRead::Ext4 { part, path, .. } => {
+                let (key, path) = (ino.0, path.clone());
                 part.run_on(
-                    fh.0,
+                    key,
                     Box::new(move |w| {
-                        let Some(file) = w.and_then(|w| w.files.get_mut(&fh.0)) else {
-                            return reply.error(Errno::EBADF);
+                        let Some(w) = w else {
+                            return reply.error(Errno::EIO);
+                        };
+                        let file = match w.file(key, &path) {
+                            Ok(f) => f,
+                            Err(e) => return reply.error(ext4::errno(&e)),
                         };
                         if file.position() != offset {
                             if let Err(e) = file.seek_to(offset) {
@@ -1180,7 +1196,6 @@ impl fuser::Filesystem for LifeboatFs {
                     }),
                 );
             }
-            Open::Dir { .. } => reply.error(Errno::EISDIR),
         }
     }
 
@@ -1188,31 +1203,20 @@ impl fuser::Filesystem for LifeboatFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(open) = self.inner.open.lock().expect("lock").remove(&fh.0) {
-            if let Open::Ext4 { part, .. } = &*open {
-                part.run_on(
-                    fh.0,
-                    Box::new(move |w| {
-                        if let Some(w) = w {
-                            w.files.remove(&fh.0);
-                        }
-                    }),
-                );
-            }
-        }
+        // Files hold nothing per open (reads go by inode).
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.inner.node(ino) {
             Ok(n) if n.file_type() == FileType::Directory => {
-                let fh = self.inner.new_fh(Open::Dir {
+                let fh = self.inner.new_fh(DirHandle {
                     entries: Mutex::new(None),
                 });
                 reply.opened(FileHandle(fh), FopenFlags::empty());
@@ -1274,17 +1278,17 @@ impl fuser::Filesystem for LifeboatFs {
         reply.statfs(bytes / 4096, 0, 0, nodes, 0, 4096, 255, 4096);
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        let open = match self.inner.handle(fh) {
-            Ok(o) => o,
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let file = match self.inner.node(ino).and_then(|n| self.inner.file_of(&n)) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
         if offset < 0 || (whence != SEEK_DATA && whence != SEEK_HOLE) {
             return reply.error(Errno::EINVAL);
         }
         let offset = offset as u64;
-        match &*open {
-            Open::Raw { view, base, len, .. } => {
+        match &*file {
+            FileRead::Raw { view, base, len, .. } => {
                 let (view, base, len) = (view.clone(), *base, *len);
                 self.inner.rt.spawn(async move {
                     match seek(view.as_ref(), base, len, offset, whence).await {
@@ -1293,13 +1297,13 @@ impl fuser::Filesystem for LifeboatFs {
                     }
                 });
             }
-            Open::Inode { fs, runs, size } => {
+            FileRead::Inode { fs, runs, size } => {
                 match inodes::seek(runs, fs.block_size(), *size, offset, whence == SEEK_DATA) {
                     Some(o) => reply.offset(o as i64),
                     None => reply.error(Errno::ENXIO),
                 }
             }
-            Open::Ext4 { size, .. } => {
+            FileRead::Ext4 { size, .. } => {
                 // ext4-view exposes no extent map: the whole file counts as data.
                 if offset >= *size {
                     reply.error(Errno::ENXIO)
@@ -1309,7 +1313,6 @@ impl fuser::Filesystem for LifeboatFs {
                     reply.offset(*size as i64)
                 }
             }
-            Open::Dir { .. } => reply.error(Errno::EINVAL),
         }
     }
 
