@@ -126,7 +126,9 @@ struct PartEntry {
 enum Key {
     Root,
     Machine(String),
-    Latest(String),
+    /// `latest` of a machine while it names one point: a new node when it moves, so each
+    /// symlink's target never changes and the kernel may cache it.
+    Latest(String, String),
     Point(String, u64),
     DiskImg(String, u64, String),
     DiskDir(String, u64, String),
@@ -137,6 +139,7 @@ enum Key {
 enum Kind {
     Root,
     Machine(String),
+    /// `latest`: its target (a point's directory name).
     Latest(String),
     Point {
         machine: String,
@@ -515,13 +518,6 @@ impl Inner {
         result.cloned().map_err(eio)
     }
 
-    fn latest_target(&self, machine: &str) -> Result<String, Errno> {
-        self.points(machine)?
-            .last()
-            .map(|p| p.name.clone())
-            .ok_or(Errno::ENOENT)
-    }
-
     /// The entries of a directory that is not inside an ext4 filesystem.
     fn children(&self, node: &Node) -> Result<Vec<Entry>, Errno> {
         let mut out = Vec::new();
@@ -543,8 +539,9 @@ impl Inner {
                     });
                     out.push((OsString::from(&p.name), n.ino, FileType::Directory));
                 }
-                if !points.is_empty() {
-                    let n = self.intern(Key::Latest(machine.clone()), node.ino, || Kind::Latest(machine.clone()));
+                if let Some(last) = points.last() {
+                    let key = Key::Latest(machine.clone(), last.name.clone());
+                    let n = self.intern(key, node.ino, || Kind::Latest(last.name.clone()));
                     out.push((OsString::from("latest"), n.ino, FileType::Symlink));
                 }
             }
@@ -632,11 +629,11 @@ impl Inner {
         };
         match &node.kind {
             Kind::Root | Kind::Machine(_) => ttl = SHORT_TTL,
-            Kind::Latest(machine) => {
+            Kind::Latest(target) => {
                 ttl = SHORT_TTL;
                 a.perm = 0o777;
                 a.nlink = 1;
-                a.size = self.latest_target(machine).map(|t| t.len() as u64).unwrap_or(0);
+                a.size = target.len() as u64;
             }
             Kind::Point { time, .. } => set_time(&mut a, *time),
             Kind::DiskDir(d) => set_time(&mut a, d.time),
@@ -1006,6 +1003,11 @@ impl fuser::Filesystem for LifeboatFs {
         if config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS).is_err() {
             debug!("kernel without READDIRPLUS: one LOOKUP per name");
         }
+        // Symlink targets never change (`latest` gets a new inode when it moves): the kernel
+        // keeps them, instead of a READLINK each time a path goes through `latest`.
+        if config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS).is_err() {
+            debug!("kernel without symlink caching: one READLINK per path through a symlink");
+        }
         Ok(())
     }
 
@@ -1079,10 +1081,7 @@ impl fuser::Filesystem for LifeboatFs {
             Err(e) => return reply.error(e),
         };
         match &node.kind {
-            Kind::Latest(machine) => match self.inner.latest_target(machine) {
-                Ok(t) => reply.data(t.as_bytes()),
-                Err(e) => reply.error(e),
-            },
+            Kind::Latest(target) => reply.data(target.as_bytes()),
             Kind::Ext4 { part, ino, .. } if part.fast.is_some() => {
                 let fs = part.fast.as_ref().expect("checked");
                 match fs.inode(*ino).and_then(|i| fs.readlink(&i)) {
