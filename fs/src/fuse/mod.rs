@@ -1142,9 +1142,14 @@ impl fuser::Filesystem for LifeboatFs {
                     return reply.data(&[]);
                 }
                 let n = (u64::from(size)).min(len - offset) as usize;
-                let (cache, at) = (cache.clone(), base + offset);
+                let at = base + offset;
+                let mut buf = vec![0u8; n];
+                // Cached: reply from this thread, without a hop through the runtime.
+                if cache.try_read(at, &mut buf) {
+                    return reply.data(&buf);
+                }
+                let cache = cache.clone();
                 self.inner.rt.spawn(async move {
-                    let mut buf = vec![0u8; n];
                     match cache.read(at, &mut buf).await {
                         Ok(()) => reply.data(&buf),
                         Err(e) => reply.error(eio(e)),
@@ -1156,9 +1161,12 @@ impl fuser::Filesystem for LifeboatFs {
                     return reply.data(&[]);
                 }
                 let n = u64::from(size).min(fsize - offset) as usize;
+                let mut buf = vec![0u8; n];
+                if fs.read_file_cached(runs, offset, &mut buf) {
+                    return reply.data(&buf);
+                }
                 let (fs, runs) = (fs.clone(), runs.clone());
                 self.inner.rt.spawn(async move {
-                    let mut buf = vec![0u8; n];
                     match fs.read_file(&runs, offset, &mut buf).await {
                         Ok(()) => reply.data(&buf),
                         Err(e) => reply.error(eio(e)),
