@@ -9,11 +9,13 @@
 //!
 //! The tree (machines, points, disks) comes from a [`PointSource`] and is refreshed when older
 //! than [`MountConfig::listing_ttl`], so new points appear and expired ones vanish without
-//! remounting; a file already open keeps its view and reads on. Reads of raw images run as tasks
-//! on a tokio runtime and reply when done; ext4 partitions are read by inode number ([`inodes`]:
-//! directories read once, files opened from their inode), or on per-partition `ext4-view` worker
-//! threads ([`ext4`]) when a journal needs replaying; the FUSE session itself has several threads,
-//! so one slow read never stalls the filesystem.
+//! remounting; a file already open keeps its view and reads on. Everything inside a point is
+//! immutable, so the kernel is told to keep it: listings carry attributes (READDIRPLUS), opens
+//! are zero-message (reads name the inode), symlinks and pages stay cached; reading a small file
+//! costs one READ. Cached reads reply on the FUSE thread, others run as tasks on a tokio runtime;
+//! ext4 partitions are read by inode number ([`inodes`]: directories read once, files mapped from
+//! their inode), or on per-partition `ext4-view` worker threads ([`ext4`]) when a journal needs
+//! replaying; the FUSE session has several threads, so one slow read never stalls the filesystem.
 
 pub mod ext4;
 pub mod inodes;
