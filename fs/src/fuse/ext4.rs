@@ -61,7 +61,16 @@ impl ChunkCache {
     }
 
     async fn chunk(self: &Arc<Self>, idx: u64) -> io::Result<Bytes> {
-        // Sequential (the predecessor is here): keep the next chunks in flight.
+        self.prefetch(idx);
+        if let Some(hit) = self.chunks.get(&idx) {
+            return Ok(hit);
+        }
+        self.load(idx).await
+    }
+
+    /// A reader at chunk `idx` that looks sequential (the predecessor is here): keeps the next
+    /// chunks in flight.
+    fn prefetch(self: &Arc<Self>, idx: u64) {
         if idx > 0 && self.chunks.peek(&(idx - 1)).is_some() {
             for next in idx + 1..=idx + PREFETCH {
                 if next * self.chunk >= self.view.size() {
@@ -76,10 +85,6 @@ impl ChunkCache {
                 }
             }
         }
-        if let Some(hit) = self.chunks.get(&idx) {
-            return Ok(hit);
-        }
-        self.load(idx).await
     }
 
     /// One chunk from the cache, or fetched once however many ask at the same time.
@@ -117,6 +122,19 @@ impl ChunkCache {
             at += n as u64;
         }
         true
+    }
+
+    /// Like [`Self::read_cached`], for readers of file data: also keeps a sequential reader's
+    /// next chunks in flight, as [`Self::read`] does.
+    pub fn try_read(self: &Arc<Self>, offset: u64, dst: &mut [u8]) -> bool {
+        let end = offset + dst.len() as u64;
+        if end > self.view.size() {
+            return false;
+        }
+        for idx in offset / self.chunk..end.div_ceil(self.chunk) {
+            self.prefetch(idx);
+        }
+        self.read_cached(offset, dst)
     }
 
     /// Fills `dst` from `offset` of the disk.
@@ -171,10 +189,27 @@ impl Ext4Read for PartReader {
     }
 }
 
+/// Files a worker keeps open (by node inode) before it starts over.
+const WORKER_FILES: usize = 256;
+
 /// What a worker thread owns: its filesystem handle and the files opened on it.
 pub struct Worker {
     pub fs: Ext4,
     pub files: HashMap<u64, ext4_view::File>,
+}
+
+impl Worker {
+    /// The file at `path`, opened once and kept under `key` (at most [`WORKER_FILES`]).
+    pub fn file(&mut self, key: u64, path: &[u8]) -> Result<&mut ext4_view::File, Ext4Error> {
+        if !self.files.contains_key(&key) {
+            if self.files.len() >= WORKER_FILES {
+                self.files.clear();
+            }
+            let f = self.fs.open(ext4_view::Path::new(path))?;
+            self.files.insert(key, f);
+        }
+        Ok(self.files.get_mut(&key).expect("inserted"))
+    }
 }
 
 /// A job for a worker; `None` when this worker could not load the filesystem.

@@ -385,10 +385,12 @@ impl InodeFs {
         Ok(())
     }
 
-    /// Reads `dst.len()` bytes of a file at `offset` (within its size), holes as zeros.
-    pub async fn read_file(&self, runs: &[Run], offset: u64, dst: &mut [u8]) -> io::Result<()> {
+    /// The pieces of `[offset, offset + len)` of a file (within its size): where each lands in
+    /// the destination, its length, and its partition byte offset (`None`: zeros).
+    fn pieces(&self, runs: &[Run], offset: u64, len: usize) -> io::Result<Vec<(usize, usize, Option<u64>)>> {
         let bs = self.block_size;
-        let end = offset + dst.len() as u64;
+        let end = offset + len as u64;
+        let mut out = Vec::new();
         let mut at = offset;
         while at < end {
             let lblk = at / bs;
@@ -406,19 +408,39 @@ impl InodeFs {
                     ((next.max(at + 1) - at).min(end - at) as usize, None)
                 }
             };
-            let d = (at - offset) as usize;
-            match src {
-                Some(p) => {
-                    if p + n as u64 > self.len {
-                        return Err(corrupt("file data beyond the partition"));
-                    }
-                    self.cache.read(self.start + p, &mut dst[d..d + n]).await?;
-                }
-                None => dst[d..d + n].fill(0),
+            if src.is_some_and(|p| p + n as u64 > self.len) {
+                return Err(corrupt("file data beyond the partition"));
             }
+            out.push(((at - offset) as usize, n, src));
             at += n as u64;
         }
+        Ok(out)
+    }
+
+    /// Reads `dst.len()` bytes of a file at `offset` (within its size), holes as zeros.
+    pub async fn read_file(&self, runs: &[Run], offset: u64, dst: &mut [u8]) -> io::Result<()> {
+        for (d, n, src) in self.pieces(runs, offset, dst.len())? {
+            match src {
+                Some(p) => self.cache.read(self.start + p, &mut dst[d..d + n]).await?,
+                None => dst[d..d + n].fill(0),
+            }
+        }
         Ok(())
+    }
+
+    /// [`Self::read_file`] without waiting: `true` when every byte was cached (no runtime hop
+    /// for the common small read); `false` (and `dst` partly written) otherwise.
+    pub fn read_file_cached(&self, runs: &[Run], offset: u64, dst: &mut [u8]) -> bool {
+        let Ok(pieces) = self.pieces(runs, offset, dst.len()) else {
+            return false;
+        };
+        pieces.into_iter().all(|(d, n, src)| match src {
+            Some(p) => self.cache.try_read(self.start + p, &mut dst[d..d + n]),
+            None => {
+                dst[d..d + n].fill(0);
+                true
+            }
+        })
     }
 
     /// A whole (small) file, blocking: directory contents and symlink targets.

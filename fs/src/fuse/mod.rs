@@ -9,11 +9,13 @@
 //!
 //! The tree (machines, points, disks) comes from a [`PointSource`] and is refreshed when older
 //! than [`MountConfig::listing_ttl`], so new points appear and expired ones vanish without
-//! remounting; a file already open keeps its view and reads on. Reads of raw images run as tasks
-//! on a tokio runtime and reply when done; ext4 partitions are read by inode number ([`inodes`]:
-//! directories read once, files opened from their inode), or on per-partition `ext4-view` worker
-//! threads ([`ext4`]) when a journal needs replaying; the FUSE session itself has several threads,
-//! so one slow read never stalls the filesystem.
+//! remounting; a file already open keeps its view and reads on. Everything inside a point is
+//! immutable, so the kernel is told to keep it: listings carry attributes (READDIRPLUS), opens
+//! are zero-message (reads name the inode), symlinks and pages stay cached; reading a small file
+//! costs one READ. Cached reads reply on the FUSE thread, others run as tasks on a tokio runtime;
+//! ext4 partitions are read by inode number ([`inodes`]: directories read once, files mapped from
+//! their inode), or on per-partition `ext4-view` worker threads ([`ext4`]) when a journal needs
+//! replaying; the FUSE session has several threads, so one slow read never stalls the filesystem.
 
 pub mod ext4;
 pub mod inodes;
@@ -26,14 +28,14 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig, OpenAccMode, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, OpenAccMode,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request,
 };
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -126,7 +128,9 @@ struct PartEntry {
 enum Key {
     Root,
     Machine(String),
-    Latest(String),
+    /// `latest` of a machine while it names one point: a new node when it moves, so each
+    /// symlink's target never changes and the kernel may cache it.
+    Latest(String, String),
     Point(String, u64),
     DiskImg(String, u64, String),
     DiskDir(String, u64, String),
@@ -137,6 +141,7 @@ enum Key {
 enum Kind {
     Root,
     Machine(String),
+    /// `latest`: its target (a point's directory name).
     Latest(String),
     Point {
         machine: String,
@@ -203,17 +208,23 @@ struct Listing {
 
 /// A directory entry: name, inode, type.
 type Entry = (OsString, u64, FileType);
+/// Receives a directory listing.
+type ListDone = Box<dyn FnOnce(Result<(Arc<Node>, Arc<Vec<Entry>>), Errno>) + Send>;
 
-enum Open {
+/// How a regular file's bytes are read, resolved once from its node (not per open: opens are
+/// zero-message where the kernel allows) and kept in the bounded [`Inner::files`] cache.
+enum FileRead {
     /// A raw image: `[base, base + len)` of a view.
     Raw {
-        view: Arc<dyn DiskView>,
         cache: Arc<ChunkCache>,
+        view: Arc<dyn DiskView>,
         base: u64,
         len: u64,
     },
+    /// A file of a partition read through `ext4-view` (workers open it by path).
     Ext4 {
         part: Arc<Ext4Part>,
+        path: Vec<u8>,
         size: u64,
     },
     /// A file read by inode: its block runs.
@@ -222,9 +233,23 @@ enum Open {
         runs: Arc<Vec<inodes::Run>>,
         size: u64,
     },
-    Dir {
-        entries: Mutex<Option<Arc<Vec<Entry>>>>,
-    },
+}
+
+#[derive(Clone)]
+struct FileWeight;
+
+impl quick_cache::Weighter<u64, Arc<FileRead>> for FileWeight {
+    fn weight(&self, _key: &u64, val: &Arc<FileRead>) -> u64 {
+        match &**val {
+            FileRead::Inode { runs, .. } => runs.len() as u64 + 1,
+            _ => 1,
+        }
+    }
+}
+
+/// An open directory: its listing, read on the handle's first READDIR.
+struct DirHandle {
+    entries: Mutex<Option<Arc<Vec<Entry>>>>,
 }
 
 struct Inner {
@@ -236,8 +261,14 @@ struct Inner {
     disks: Mutex<HashMap<(String, u64, String), Arc<DiskRef>>>,
     caches: Mutex<HashMap<(String, u64, String), Arc<ChunkCache>>>,
     raw_caches: Mutex<HashMap<(String, u64, String), Arc<ChunkCache>>>,
-    open: Mutex<HashMap<u64, Arc<Open>>>,
+    /// Open directories by handle.
+    open: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+    /// How files are read, by node inode (up to ~2M block runs in all).
+    files: quick_cache::sync::Cache<u64, Arc<FileRead>, FileWeight>,
+    /// The kernel takes ENOSYS from OPEN as "no opens needed" (FUSE_NO_OPEN_SUPPORT): no OPEN
+    /// nor RELEASE round trip per file after the first.
+    zero_open: AtomicBool,
     uid: u32,
     gid: u32,
     started: SystemTime,
@@ -289,6 +320,8 @@ impl LifeboatFs {
                 raw_caches: Mutex::new(HashMap::new()),
                 open: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
+                files: quick_cache::sync::Cache::with_weighter(16384, 1 << 21, FileWeight),
+                zero_open: AtomicBool::new(false),
                 uid,
                 gid,
                 started: SystemTime::now(),
@@ -487,13 +520,6 @@ impl Inner {
         result.cloned().map_err(eio)
     }
 
-    fn latest_target(&self, machine: &str) -> Result<String, Errno> {
-        self.points(machine)?
-            .last()
-            .map(|p| p.name.clone())
-            .ok_or(Errno::ENOENT)
-    }
-
     /// The entries of a directory that is not inside an ext4 filesystem.
     fn children(&self, node: &Node) -> Result<Vec<Entry>, Errno> {
         let mut out = Vec::new();
@@ -515,8 +541,9 @@ impl Inner {
                     });
                     out.push((OsString::from(&p.name), n.ino, FileType::Directory));
                 }
-                if !points.is_empty() {
-                    let n = self.intern(Key::Latest(machine.clone()), node.ino, || Kind::Latest(machine.clone()));
+                if let Some(last) = points.last() {
+                    let key = Key::Latest(machine.clone(), last.name.clone());
+                    let n = self.intern(key, node.ino, || Kind::Latest(last.name.clone()));
                     out.push((OsString::from("latest"), n.ino, FileType::Symlink));
                 }
             }
@@ -604,11 +631,11 @@ impl Inner {
         };
         match &node.kind {
             Kind::Root | Kind::Machine(_) => ttl = SHORT_TTL,
-            Kind::Latest(machine) => {
+            Kind::Latest(target) => {
                 ttl = SHORT_TTL;
                 a.perm = 0o777;
                 a.nlink = 1;
-                a.size = self.latest_target(machine).map(|t| t.len() as u64).unwrap_or(0);
+                a.size = target.len() as u64;
             }
             Kind::Point { time, .. } => set_time(&mut a, *time),
             Kind::DiskDir(d) => set_time(&mut a, d.time),
@@ -654,14 +681,101 @@ impl Inner {
         }
     }
 
-    fn new_fh(&self, open: Open) -> u64 {
+    fn new_fh(&self, dir: DirHandle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().expect("lock").insert(fh, Arc::new(open));
+        self.open.lock().expect("lock").insert(fh, Arc::new(dir));
         fh
     }
 
-    fn handle(&self, fh: FileHandle) -> Result<Arc<Open>, Errno> {
+    fn handle(&self, fh: FileHandle) -> Result<Arc<DirHandle>, Errno> {
         self.open.lock().expect("lock").get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// How the file of `node` is read (blocking the first time: opens the view or reads the
+    /// inode and its extent tree). A node outlives the point it shows, so a file keeps reading
+    /// after its point vanished from the listing.
+    fn file_of(&self, node: &Node) -> Result<Arc<FileRead>, Errno> {
+        if let Some(f) = self.files.get(&node.ino) {
+            return Ok(f);
+        }
+        let raw = |disk: &DiskRef, base: u64, len: u64| match self.rt.block_on(self.view(disk)) {
+            Ok(view) => Ok(FileRead::Raw {
+                cache: self.raw_cache(disk, view.clone()),
+                view,
+                base,
+                len,
+            }),
+            Err(e) => Err(eio(format!(
+                "opening {}/{}@{}: {e}",
+                disk.machine, disk.disk, disk.point
+            ))),
+        };
+        let file = match &node.kind {
+            Kind::DiskImg(d) => raw(d, 0, d.size)?,
+            Kind::PartImg { disk, start, len } => raw(disk, *start, *len)?,
+            Kind::Ext4 { part, ino, .. } if part.fast.is_some() => {
+                let fs = part.fast.as_ref().expect("checked");
+                let inode = fs.inode(*ino).map_err(|e| io_errno(&e))?;
+                match inode.meta.kind {
+                    FileType::Directory => return Err(Errno::EISDIR),
+                    FileType::RegularFile => FileRead::Inode {
+                        runs: Arc::new(fs.map(&inode).map_err(|e| io_errno(&e))?),
+                        fs: fs.clone(),
+                        size: inode.meta.size,
+                    },
+                    _ => return Err(Errno::EACCES),
+                }
+            }
+            Kind::Ext4 { part, path, meta, .. } => {
+                if meta.get().is_some_and(|m| m.kind == FileType::Directory) {
+                    return Err(Errno::EISDIR);
+                }
+                FileRead::Ext4 {
+                    part: part.clone(),
+                    path: path.clone(),
+                    size: meta.get().map(|m| m.size).unwrap_or(0),
+                }
+            }
+            _ => return Err(Errno::EISDIR),
+        };
+        let file = Arc::new(file);
+        self.files.insert(node.ino, file.clone());
+        Ok(file)
+    }
+
+    /// The entries of directory `ino` open as `fh`, read once per handle; `done` gets them (on a
+    /// worker for partitions read through `ext4-view`).
+    fn list(self: &Arc<Self>, ino: INodeNo, fh: FileHandle, done: ListDone) {
+        let (node, open) = match (self.node(ino), self.handle(fh)) {
+            (Ok(n), Ok(o)) => (n, o),
+            (Err(e), _) | (_, Err(e)) => return done(Err(e)),
+        };
+        let entries = &open.entries;
+        if let Some(list) = entries.lock().expect("lock").clone() {
+            return done(Ok((node, list)));
+        }
+        if matches!(node.kind, Kind::Ext4 { .. }) {
+            let (open2, node2) = (open.clone(), node.clone());
+            return self.ext4_list(
+                node,
+                Box::new(move |list| match list {
+                    Ok(list) => {
+                        let list = Arc::new(list);
+                        *open2.entries.lock().expect("lock") = Some(list.clone());
+                        done(Ok((node2, list)))
+                    }
+                    Err(e) => done(Err(e)),
+                }),
+            );
+        }
+        match self.children(&node) {
+            Ok(list) => {
+                let list = Arc::new(list);
+                *entries.lock().expect("lock") = Some(list.clone());
+                done(Ok((node, list)))
+            }
+            Err(e) => done(Err(e)),
+        }
     }
 
     /// Looks up `name` in an ext4 directory on its worker and replies.
@@ -828,6 +942,27 @@ fn page(node: &Node, entries: &[Entry], offset: u64, mut reply: ReplyDirectory) 
     reply.ok();
 }
 
+/// Replies one page of a listing with every entry's attributes (READDIRPLUS); each entry
+/// returned counts as a lookup for the kernel, as after LOOKUP.
+fn page_plus(inner: &Inner, node: &Node, entries: &[Entry], offset: u64, mut reply: ReplyDirectoryPlus) {
+    let dots = [
+        (OsString::from("."), node.ino, FileType::Directory),
+        (OsString::from(".."), node.parent, FileType::Directory),
+    ];
+    for (i, (name, ino, _)) in dots.iter().chain(entries.iter()).enumerate().skip(offset as usize) {
+        let attr = inner.node(INodeNo(*ino)).and_then(|n| inner.attr(&n));
+        let (a, ttl) = match attr {
+            Ok(x) => x,
+            // Vanished since it was listed (a point retention removed): leave it out.
+            Err(_) => continue,
+        };
+        if reply.add(INodeNo(*ino), i as u64 + 1, name, &ttl, &a, Generation(0)) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
 /// SEEK_DATA / SEEK_HOLE over a view's extents, within `[base, base + len)`.
 async fn seek(view: &dyn DiskView, base: u64, len: u64, offset: u64, whence: i32) -> Result<i64, Errno> {
     if offset >= len {
@@ -863,6 +998,18 @@ impl fuser::Filesystem for LifeboatFs {
         let _ = config.set_max_readahead(MAX_READ);
         let _ = config.set_max_write(MAX_READ);
         let _ = config.set_max_background(64);
+        // Listings carry every entry's attributes, so reading a directory's files needs no
+        // LOOKUP per file (the names and attributes never change inside a point).
+        let zero_open = config.capabilities().contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.inner.zero_open.store(zero_open, Ordering::Relaxed);
+        if config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS).is_err() {
+            debug!("kernel without READDIRPLUS: one LOOKUP per name");
+        }
+        // Symlink targets never change (`latest` gets a new inode when it moves): the kernel
+        // keeps them, instead of a READLINK each time a path goes through `latest`.
+        if config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS).is_err() {
+            debug!("kernel without symlink caching: one READLINK per path through a symlink");
+        }
         Ok(())
     }
 
@@ -936,10 +1083,7 @@ impl fuser::Filesystem for LifeboatFs {
             Err(e) => return reply.error(e),
         };
         match &node.kind {
-            Kind::Latest(machine) => match self.inner.latest_target(machine) {
-                Ok(t) => reply.data(t.as_bytes()),
-                Err(e) => reply.error(e),
-            },
+            Kind::Latest(target) => reply.data(target.as_bytes()),
             Kind::Ext4 { part, ino, .. } if part.fast.is_some() => {
                 let fs = part.fast.as_ref().expect("checked");
                 match fs.inode(*ino).and_then(|i| fs.readlink(&i)) {
@@ -970,130 +1114,78 @@ impl fuser::Filesystem for LifeboatFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let raw = match &node.kind {
-            Kind::DiskImg(d) => Some((d.clone(), 0, d.size)),
-            Kind::PartImg { disk, start, len } => Some((disk.clone(), *start, *len)),
-            _ => None,
-        };
-        if let Some((disk, base, len)) = raw {
-            return match inner.rt.block_on(inner.view(&disk)) {
-                Ok(view) => {
-                    let cache = inner.raw_cache(&disk, view.clone());
-                    let fh = inner.new_fh(Open::Raw { view, cache, base, len });
-                    reply.opened(FileHandle(fh), FopenFlags::empty())
-                }
-                Err(e) => reply.error(eio(format!(
-                    "opening {}/{}@{}: {e}",
-                    disk.machine, disk.disk, disk.point
-                ))),
-            };
-        }
-        match &node.kind {
-            Kind::Ext4 { part, ino, .. } if part.fast.is_some() => {
-                let fs = part.fast.as_ref().expect("checked");
-                let opened = fs.inode(*ino).and_then(|i| match i.meta.kind {
-                    FileType::Directory => Err(io::ErrorKind::IsADirectory.into()),
-                    FileType::RegularFile => Ok((fs.map(&i)?, i.meta.size)),
-                    _ => Err(io::ErrorKind::PermissionDenied.into()),
-                });
-                match opened {
-                    Ok((runs, size)) => {
-                        let fh = inner.new_fh(Open::Inode {
-                            fs: fs.clone(),
-                            runs: Arc::new(runs),
-                            size,
-                        });
-                        // Points never change: pages cached by the kernel stay valid.
-                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::IsADirectory => reply.error(Errno::EISDIR),
-                    Err(e) => reply.error(io_errno(&e)),
-                }
-            }
-            Kind::Ext4 { part, path, meta, .. } => {
-                if meta.get().is_some_and(|m| m.kind == FileType::Directory) {
-                    return reply.error(Errno::EISDIR);
-                }
-                let size = meta.get().map(|m| m.size).unwrap_or(0);
-                let fh = inner.new_fh(Open::Ext4 {
-                    part: part.clone(),
-                    size,
-                });
-                let (me, path) = (inner.clone(), path.clone());
-                part.run_on(
-                    fh,
-                    Box::new(move |w| {
-                        let Some(w) = w else {
-                            me.open.lock().expect("lock").remove(&fh);
-                            return reply.error(Errno::EIO);
-                        };
-                        match w.fs.open(ext4_view::Path::new(&path)) {
-                            Ok(f) => {
-                                w.files.insert(fh, f);
-                                reply.opened(FileHandle(fh), FopenFlags::empty());
-                            }
-                            Err(e) => {
-                                me.open.lock().expect("lock").remove(&fh);
-                                reply.error(ext4::errno(&e));
-                            }
-                        }
-                    }),
-                );
-            }
-            _ => reply.error(Errno::EISDIR),
+        match inner.file_of(&node) {
+            // Zero-message opens: the kernel sends no OPEN nor RELEASE for files from now on, and
+            // reads name the inode (the page cache is kept, as points never change).
+            Ok(_) if inner.zero_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
         }
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let open = match self.inner.handle(fh) {
-            Ok(o) => o,
+        let file = match self.inner.node(ino).and_then(|n| self.inner.file_of(&n)) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        match &*open {
-            Open::Raw { cache, base, len, .. } => {
+        match &*file {
+            FileRead::Raw { cache, base, len, .. } => {
                 if offset >= *len {
                     return reply.data(&[]);
                 }
                 let n = (u64::from(size)).min(len - offset) as usize;
-                let (cache, at) = (cache.clone(), base + offset);
+                let at = base + offset;
+                let mut buf = vec![0u8; n];
+                // Cached: reply from this thread, without a hop through the runtime.
+                if cache.try_read(at, &mut buf) {
+                    return reply.data(&buf);
+                }
+                let cache = cache.clone();
                 self.inner.rt.spawn(async move {
-                    let mut buf = vec![0u8; n];
                     match cache.read(at, &mut buf).await {
                         Ok(()) => reply.data(&buf),
                         Err(e) => reply.error(eio(e)),
                     }
                 });
             }
-            Open::Inode { fs, runs, size: fsize } => {
+            FileRead::Inode { fs, runs, size: fsize } => {
                 if offset >= *fsize {
                     return reply.data(&[]);
                 }
                 let n = u64::from(size).min(fsize - offset) as usize;
+                let mut buf = vec![0u8; n];
+                if fs.read_file_cached(runs, offset, &mut buf) {
+                    return reply.data(&buf);
+                }
                 let (fs, runs) = (fs.clone(), runs.clone());
                 self.inner.rt.spawn(async move {
-                    let mut buf = vec![0u8; n];
                     match fs.read_file(&runs, offset, &mut buf).await {
                         Ok(()) => reply.data(&buf),
                         Err(e) => reply.error(eio(e)),
                     }
                 });
             }
-            Open::Ext4 { part, .. } => {
+            FileRead::Ext4 { part, path, .. } => {
+                let (key, path) = (ino.0, path.clone());
                 part.run_on(
-                    fh.0,
+                    key,
                     Box::new(move |w| {
-                        let Some(file) = w.and_then(|w| w.files.get_mut(&fh.0)) else {
-                            return reply.error(Errno::EBADF);
+                        let Some(w) = w else {
+                            return reply.error(Errno::EIO);
+                        };
+                        let file = match w.file(key, &path) {
+                            Ok(f) => f,
+                            Err(e) => return reply.error(ext4::errno(&e)),
                         };
                         if file.position() != offset {
                             if let Err(e) = file.seek_to(offset) {
@@ -1113,7 +1205,6 @@ impl fuser::Filesystem for LifeboatFs {
                     }),
                 );
             }
-            Open::Dir { .. } => reply.error(Errno::EISDIR),
         }
     }
 
@@ -1121,31 +1212,20 @@ impl fuser::Filesystem for LifeboatFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(open) = self.inner.open.lock().expect("lock").remove(&fh.0) {
-            if let Open::Ext4 { part, .. } = &*open {
-                part.run_on(
-                    fh.0,
-                    Box::new(move |w| {
-                        if let Some(w) = w {
-                            w.files.remove(&fh.0);
-                        }
-                    }),
-                );
-            }
-        }
+        // Files hold nothing per open (reads go by inode).
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.inner.node(ino) {
             Ok(n) if n.file_type() == FileType::Directory => {
-                let fh = self.inner.new_fh(Open::Dir {
+                let fh = self.inner.new_fh(DirHandle {
                     entries: Mutex::new(None),
                 });
                 reply.opened(FileHandle(fh), FopenFlags::empty());
@@ -1156,45 +1236,32 @@ impl fuser::Filesystem for LifeboatFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        let inner = &self.inner;
-        let (node, open) = match (inner.node(ino), inner.handle(fh)) {
-            (Ok(n), Ok(o)) => (n, o),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
-        let Open::Dir { entries } = &*open else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        if let Some(list) = entries.lock().expect("lock").clone() {
-            return page(&node, &list, offset, reply);
-        }
-        if matches!(node.kind, Kind::Ext4 { .. }) {
-            let (open2, node2) = (open.clone(), node.clone());
-            return inner.ext4_list(
-                node,
-                Box::new(move |list| match list {
-                    Ok(list) => {
-                        let list = Arc::new(list);
-                        if let Open::Dir { entries } = &*open2 {
-                            *entries.lock().expect("lock") = Some(list.clone());
-                        }
-                        page(&node2, &list, offset, reply);
-                    }
-                    Err(e) => reply.error(e),
-                }),
-            );
-        }
-        match inner.children(&node) {
-            Ok(list) => {
-                let list = Arc::new(list);
-                *entries.lock().expect("lock") = Some(list.clone());
-                page(&node, &list, offset, reply);
-            }
-            Err(e) => reply.error(e),
-        }
+        self.inner.list(
+            ino,
+            fh,
+            Box::new(move |got| match got {
+                Ok((node, list)) => page(&node, &list, offset, reply),
+                Err(e) => reply.error(e),
+            }),
+        );
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let inner = self.inner.clone();
+        self.inner.list(
+            ino,
+            fh,
+            Box::new(move |got| match got {
+                Ok((node, list)) => page_plus(&inner, &node, &list, offset, reply),
+                Err(e) => reply.error(e),
+            }),
+        );
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        // Nothing to flush on a read-only tree: ENOSYS tells the kernel to stop sending FLUSH,
+        // which saves a round trip on every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
@@ -1220,17 +1287,17 @@ impl fuser::Filesystem for LifeboatFs {
         reply.statfs(bytes / 4096, 0, 0, nodes, 0, 4096, 255, 4096);
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        let open = match self.inner.handle(fh) {
-            Ok(o) => o,
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let file = match self.inner.node(ino).and_then(|n| self.inner.file_of(&n)) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
         if offset < 0 || (whence != SEEK_DATA && whence != SEEK_HOLE) {
             return reply.error(Errno::EINVAL);
         }
         let offset = offset as u64;
-        match &*open {
-            Open::Raw { view, base, len, .. } => {
+        match &*file {
+            FileRead::Raw { view, base, len, .. } => {
                 let (view, base, len) = (view.clone(), *base, *len);
                 self.inner.rt.spawn(async move {
                     match seek(view.as_ref(), base, len, offset, whence).await {
@@ -1239,13 +1306,13 @@ impl fuser::Filesystem for LifeboatFs {
                     }
                 });
             }
-            Open::Inode { fs, runs, size } => {
+            FileRead::Inode { fs, runs, size } => {
                 match inodes::seek(runs, fs.block_size(), *size, offset, whence == SEEK_DATA) {
                     Some(o) => reply.offset(o as i64),
                     None => reply.error(Errno::ENXIO),
                 }
             }
-            Open::Ext4 { size, .. } => {
+            FileRead::Ext4 { size, .. } => {
                 // ext4-view exposes no extent map: the whole file counts as data.
                 if offset >= *size {
                     reply.error(Errno::ENXIO)
@@ -1255,7 +1322,6 @@ impl fuser::Filesystem for LifeboatFs {
                     reply.offset(*size as i64)
                 }
             }
-            Open::Dir { .. } => reply.error(Errno::EINVAL),
         }
     }
 
