@@ -44,10 +44,16 @@ impl Link {
         } else {
             cs.name.clone()
         };
-        let address = if cs.advertise.is_empty() {
-            replication.to_string()
-        } else {
-            cs.advertise.clone()
+        let address = match (cs.advertise.is_empty(), replication.parse::<std::net::SocketAddr>()) {
+            (false, _) => cs.advertise.clone(),
+            // Bound to every interface: agents need a name, not 0.0.0.0.
+            (true, Ok(a)) if a.ip().is_unspecified() => {
+                let host = sysinfo::System::host_name().context(
+                    "config_server.advertise is empty, the replication port listens on every interface and the host has no name",
+                )?;
+                format!("{host}:{}", a.port())
+            }
+            (true, _) => replication.to_string(),
         };
         let interval = crate::config::parse_duration(&cs.heartbeat_interval)?;
         Ok(Arc::new(Self {
