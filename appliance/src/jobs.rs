@@ -1164,9 +1164,7 @@ impl Jobs {
             point_time: point.time.clone(),
             targets: result.targets.clone(),
             blob_targets: result.blob_targets.clone(),
-            image_format: blob_target
-                .map(|(_, f)| f.extension().replace("img", "raw"))
-                .unwrap_or_default(),
+            image_format: blob_target.map(|(_, f)| f.name().to_string()).unwrap_or_default(),
             committed: false,
         };
         let me = self.clone();

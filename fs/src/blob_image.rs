@@ -42,6 +42,14 @@ impl ImageFormat {
         }
     }
 
+    /// The name `parse` takes: `raw` or `vhd`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Vhd => "vhd",
+        }
+    }
+
     /// The file name extension: `img` or `vhd`.
     pub fn extension(self) -> &'static str {
         match self {
