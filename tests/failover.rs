@@ -21,18 +21,6 @@ use lifeboat_fs::pit::PointInfo;
 const DISK_SIZE: usize = 16 << 20;
 const BLOCK: usize = 64 << 10;
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// A disk of random data with a zeroed stretch (a hole the failover keeps sparse).
 fn make_disk(path: &Path, seed: u64) -> Vec<u8> {
     let mut data = pseudo_random(DISK_SIZE, seed);
@@ -86,6 +74,15 @@ fn watch_agent(app: &Appliance, machine: &str, disk: &Path) -> Child {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// `lifeboat failback` of m1 (its failed-over copy) onto `disk`; the job as JSON.
+fn failback_m1(app: &Appliance, disk: &Path, what: &str) -> serde_json::Value {
+    let target = format!("m1/disk0={}", disk.display());
+    json(
+        app.admin(&["failback", "--machine", "m1", "--target", &target, "--json"]),
+        what,
+    )
 }
 
 fn machine_state(app: &Appliance, machine: &str) -> String {
@@ -383,17 +380,7 @@ async fn group_points_test_failover_failover_and_failback_survive_restarts() {
     let onprem = std::fs::read(&d1).unwrap();
     let expect_written = differing_blocks(&onprem, &cloud_m1);
     assert!(expect_written >= 6, "{expect_written}");
-    let job = json(
-        app.admin(&[
-            "failback",
-            "--machine",
-            "m1",
-            "--target",
-            &format!("m1/disk0={}", d1.display()),
-            "--json",
-        ]),
-        "failback",
-    );
+    let job = failback_m1(&app, &d1, "failback");
     assert_eq!(job["state"], "succeeded", "{job}");
     let r = &job["results"][0];
     assert_eq!(r["blocks_written"].as_u64().unwrap() as usize, expect_written, "{job}");
@@ -819,17 +806,7 @@ async fn failover_to_a_vhd_in_blob_storage_and_failback_from_it() {
     change_blocks(&disk, &[2, 200], 0x33);
     let expect_written = differing_blocks(&std::fs::read(&disk).unwrap(), &cloud);
     assert_eq!(expect_written, 4);
-    let job = json(
-        app.admin(&[
-            "failback",
-            "--machine",
-            "m1",
-            "--target",
-            &format!("m1/disk0={}", disk.display()),
-            "--json",
-        ]),
-        "failback from the blob image",
-    );
+    let job = failback_m1(&app, &disk, "failback from the blob image");
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(
         job["results"][0]["blocks_written"].as_u64(),

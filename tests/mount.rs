@@ -24,18 +24,6 @@ const SECTOR: u64 = 512;
 const P1: (u64, u64) = (2048, 2048 + (24 << 20) / SECTOR - 1);
 const P2: (u64, u64) = (P1.1 + 1, P1.1 + (1 << 20) / SECTOR);
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn write_file(path: &Path, data: &[u8], mode: u32) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, data).unwrap();

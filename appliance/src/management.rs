@@ -174,16 +174,12 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> (StatusCo
 }
 
 pub(crate) fn authorize(s: &ManagementState, headers: &HeaderMap) -> Result<(), (StatusCode, Json<ErrorBody>)> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            error(
-                StatusCode::UNAUTHORIZED,
-                "missing admin token (Authorization: Bearer ...)",
-            )
-        })?;
+    let token = gateway::server::bearer_token(headers).ok_or_else(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "missing admin token (Authorization: Bearer ...)",
+        )
+    })?;
     // Compare digests: the time taken does not depend on where the tokens differ.
     let presented = blake3::hash(token.trim().as_bytes());
     let admin = presented

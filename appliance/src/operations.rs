@@ -382,12 +382,7 @@ async fn process_server_heartbeat(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<HeartbeatAnswer> {
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .to_string();
+    let token = gateway::server::bearer_token(&headers).unwrap_or_default().to_string();
     let hb: Heartbeat =
         serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("heartbeat body: {e}")))?;
     let ingest = ops(&s)?.ingest.clone();

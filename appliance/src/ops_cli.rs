@@ -223,6 +223,21 @@ pub struct EventsArgs {
     json: bool,
 }
 
+/// GETs a list from the management API. With `--json` it is printed as the API answered and
+/// `None` comes back; otherwise the caller prints it as a table.
+async fn fetch_list<T: serde::de::DeserializeOwned + serde::Serialize>(
+    conn: &AdminConnection,
+    path: &str,
+    json: bool,
+) -> anyhow::Result<Option<Vec<T>>> {
+    let list: Vec<T> = Client::connect(conn)?.get(path).await?;
+    if json {
+        print_json(&list)?;
+        return Ok(None);
+    }
+    Ok(Some(list))
+}
+
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -231,10 +246,9 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 pub async fn machines(cmd: MachinesCommand) -> anyhow::Result<()> {
     match cmd {
         MachinesCommand::List { conn, json } => {
-            let list: Vec<MachineInfo> = Client::connect(&conn)?.get("/api/machines").await?;
-            if json {
-                return print_json(&list);
-            }
+            let Some(list) = fetch_list::<MachineInfo>(&conn, "/api/machines", json).await? else {
+                return Ok(());
+            };
             println!(
                 "{:<20} {:<14} {:<12} {:<12} {:>8}  disks",
                 "MACHINE", "STATE", "POLICY", "GROUP", "POINT"
@@ -291,10 +305,9 @@ pub async fn machines(cmd: MachinesCommand) -> anyhow::Result<()> {
 pub async fn group(cmd: GroupCommand) -> anyhow::Result<()> {
     match cmd {
         GroupCommand::List { conn, json } => {
-            let list: Vec<NamedGroup> = Client::connect(&conn)?.get("/api/groups").await?;
-            if json {
-                return print_json(&list);
-            }
+            let Some(list) = fetch_list::<NamedGroup>(&conn, "/api/groups", json).await? else {
+                return Ok(());
+            };
             for g in list {
                 println!(
                     "{:<20} policy {:<12} {}",
@@ -337,10 +350,9 @@ pub async fn group(cmd: GroupCommand) -> anyhow::Result<()> {
 pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
     match cmd {
         PlanCommand::List { conn, json } => {
-            let list: Vec<NamedPlan> = Client::connect(&conn)?.get("/api/plans").await?;
-            if json {
-                return print_json(&list);
-            }
+            let Some(list) = fetch_list::<NamedPlan>(&conn, "/api/plans", json).await? else {
+                return Ok(());
+            };
             for p in list {
                 println!("{}:", p.name);
                 for (i, s) in p.plan.steps.iter().enumerate() {
@@ -509,10 +521,9 @@ fn print_job(job: &Job) {
 pub async fn jobs(cmd: JobsCommand) -> anyhow::Result<()> {
     match cmd {
         JobsCommand::List { conn, json } => {
-            let list: Vec<Job> = Client::connect(&conn)?.get("/api/jobs").await?;
-            if json {
-                return print_json(&list);
-            }
+            let Some(list) = fetch_list::<Job>(&conn, "/api/jobs", json).await? else {
+                return Ok(());
+            };
             println!("{:>5} {:<22} {:<10} {:>5}  scope", "ID", "KIND", "STATE", "STEP");
             for j in list {
                 let scope = match &j.request.plan {
@@ -549,12 +560,15 @@ pub async fn jobs(cmd: JobsCommand) -> anyhow::Result<()> {
 }
 
 pub async fn events(a: EventsArgs) -> anyhow::Result<()> {
-    let list: Vec<Event> = Client::connect(&a.conn)?
-        .get(&format!("/api/events?after={}&machine={}", a.after, a.machine))
-        .await?;
-    if a.json {
-        return print_json(&list);
-    }
+    let Some(list) = fetch_list::<Event>(
+        &a.conn,
+        &format!("/api/events?after={}&machine={}", a.after, a.machine),
+        a.json,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     for e in list {
         println!(
             "{:>6} {} {:<7} {:<28} {}{}",
@@ -584,10 +598,9 @@ pub struct ListArgs {
 
 /// `lifeboat agents`: registered mobility agents, their version and when they were last heard.
 pub async fn agents(a: ListArgs) -> anyhow::Result<()> {
-    let list: Vec<gateway::server::AgentInfo> = Client::connect(&a.conn)?.get("/api/agents").await?;
-    if a.json {
-        return print_json(&list);
-    }
+    let Some(list) = fetch_list::<gateway::server::AgentInfo>(&a.conn, "/api/agents", a.json).await? else {
+        return Ok(());
+    };
     println!("{:<20} {:<10} {:<20} LAST SEEN", "MACHINE", "VERSION", "REGISTERED");
     for ag in list {
         println!(
@@ -619,10 +632,9 @@ pub enum ProcessServersCommand {
 pub async fn process_servers(cmd: ProcessServersCommand) -> anyhow::Result<()> {
     match cmd {
         ProcessServersCommand::List(a) => {
-            let list: Vec<ProcessServerInfo> = Client::connect(&a.conn)?.get("/api/process-servers").await?;
-            if a.json {
-                return print_json(&list);
-            }
+            let Some(list) = fetch_list::<ProcessServerInfo>(&a.conn, "/api/process-servers", a.json).await? else {
+                return Ok(());
+            };
             println!(
                 "{:<16} {:<12} {:<22} {:>21}  machines (assigned)",
                 "NAME", "STATE", "ADDRESS", "CACHE USED / LIMIT"
@@ -670,10 +682,9 @@ pub async fn process_servers(cmd: ProcessServersCommand) -> anyhow::Result<()> {
 
 /// `lifeboat mounts`: the `lifeboat mount` clients running now.
 pub async fn mounts(a: ListArgs) -> anyhow::Result<()> {
-    let list: Vec<crate::mounts::MountSession> = Client::connect(&a.conn)?.get("/api/mounts").await?;
-    if a.json {
-        return print_json(&list);
-    }
+    let Some(list) = fetch_list::<crate::mounts::MountSession>(&a.conn, "/api/mounts", a.json).await? else {
+        return Ok(());
+    };
     println!(
         "{:<20} {:<8} {:<20} {:<12} MOUNTPOINT",
         "HOST", "PID", "SINCE", "MACHINE"

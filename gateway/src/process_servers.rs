@@ -152,12 +152,8 @@ impl ProcessServers {
                 reg.name
             )));
         }
-        if reg.address.parse::<std::net::SocketAddr>().is_err()
-            && !reg
-                .address
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        {
+        let host_port = reg.address.rsplit_once(':');
+        if !host_port.is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
             return Err(ProcessServerError::BadRequest(format!(
                 "address {:?} is not HOST:PORT",
                 reg.address

@@ -356,6 +356,14 @@ async fn register(
     }))
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header, if there is one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
 /// Checks the bearer token and that it belongs to `machine`.
 async fn authorize(s: &Arc<IngestState>, headers: &HeaderMap, machine: &str) -> Result<(), ApiError> {
     let unauthorized = || {
@@ -364,11 +372,7 @@ async fn authorize(s: &Arc<IngestState>, headers: &HeaderMap, machine: &str) -> 
             "missing or unknown agent token: register first",
         )
     };
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(unauthorized)?;
+    let token = bearer_token(headers).ok_or_else(unauthorized)?;
     let hash = *blake3::hash(token.as_bytes()).as_bytes();
     let cached = s.tokens.lock().await.get(&hash).cloned();
     let owner = match cached {
