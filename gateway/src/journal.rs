@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::protocol::{IngestRecord, RecordKind};
 use crate::record::LogRecord;
 
+pub mod hot;
 pub mod paylog;
 
 pub const CF_META: &str = "meta";
@@ -248,13 +249,16 @@ enum Command {
 /// Shared, read-mostly state; only the writer thread mutates it.
 pub struct JournalState {
     pub disks: RwLock<BTreeMap<u32, DiskMeta>>,
-    pub plans: RwLock<BTreeMap<u32, SegmentPlan>>,
+    /// Segments being uploaded, by `(disk, first seq)`: several per disk, uploaded in order.
+    pub plans: RwLock<BTreeMap<(u32, u64), SegmentPlan>>,
     pub cache_used: AtomicU64,
     pub max_bytes: u64,
     /// Woken after each commit, so the uploader starts at once.
     pub committed: Notify,
     /// Woken after each upload frees space, so held-back ingest can retry.
     pub freed: Notify,
+    /// Committed records the uploader takes from memory (see [`hot`]).
+    pub hot: hot::HotTail,
 }
 
 /// The journal handle: cheap to clone, usable from async code (the calls hand work to the writer
@@ -305,8 +309,8 @@ fn disk_meta_key(machine: &str, disk: &str) -> Vec<u8> {
     format!("disk/{machine}/{disk}").into_bytes()
 }
 
-fn plan_key(disk_id: u32) -> Vec<u8> {
-    format!("plan/{disk_id:08x}").into_bytes()
+fn plan_key(disk_id: u32, first_seq: u64) -> Vec<u8> {
+    format!("plan/{disk_id:08x}/{first_seq:016x}").into_bytes()
 }
 
 fn batch_key(machine: &str, session: u64, batch: u64) -> Vec<u8> {
@@ -411,7 +415,14 @@ impl Journal {
             }
             let p: SegmentPlan =
                 serde_json::from_slice(&v).map_err(|e| JournalError::Corrupt(format!("plan record: {e}")))?;
-            plans.insert(p.disk_id, p);
+            if *k != *plan_key(p.disk_id, p.first_seq) {
+                // Before several plans per disk, a disk's one plan was `plan/DISK`.
+                let mut wb = WriteBatch::default();
+                wb.delete_cf(meta, &k);
+                wb.put_cf(meta, plan_key(p.disk_id, p.first_seq), &v);
+                db.write(wb)?;
+            }
+            plans.insert((p.disk_id, p.first_seq), p);
         }
         let cache_used = u64_value(db.get_cf(meta, CACHE_USED_KEY)?);
         let db = Arc::new(db);
@@ -422,6 +433,7 @@ impl Journal {
             max_bytes,
             committed: Notify::new(),
             freed: Notify::new(),
+            hot: hot::HotTail::default(),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let writer = Writer {
@@ -663,9 +675,13 @@ impl Journal {
                 break;
             }
             let corrupt = |e: String| JournalError::Corrupt(format!("disk {disk_id} seq {seq}: {e}"));
-            let r = match paylog::Pointer::decode(&v) {
-                None => LogRecord::from_journal_value(&v).map_err(|e| corrupt(e.to_string()))?,
-                Some(p) => {
+            let pointer = paylog::Pointer::decode(&v);
+            // A payload still in the hot tail is taken from memory, not read back from the log.
+            let hot = pointer.as_ref().and_then(|_| self.state.hot.get(disk_id, seq));
+            let r = match (hot, pointer) {
+                (Some(r), _) => r,
+                (None, None) => LogRecord::from_journal_value(&v).map_err(|e| corrupt(e.to_string()))?,
+                (None, Some(p)) => {
                     let p = p?;
                     let file = match files.entry(p.file) {
                         std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
@@ -873,6 +889,8 @@ struct Group<'a> {
     cache_used: u64,
     next_point: Option<u64>,
     db: &'a DB,
+    /// Records appended to the payload log, for the hot tail once the group is durable.
+    hot: Vec<(u32, LogRecord)>,
 }
 
 impl Writer {
@@ -904,6 +922,7 @@ impl Writer {
             cache_used: self.state.cache_used.load(Ordering::Relaxed),
             next_point: None,
             db: &self.db,
+            hot: Vec::new(),
         };
         let mut replies: Vec<DeferredReply> = Vec::new();
         // A new payload log file, if due, before any commit of the group appends to it.
@@ -1016,13 +1035,17 @@ impl Writer {
             {
                 let mut plans = self.state.plans.write().expect("lock");
                 for p in new_plans {
-                    plans.insert(p.disk_id, p);
+                    plans.insert((p.disk_id, p.first_seq), p);
                 }
-                for p in done_plans {
-                    plans.remove(&p.disk_id);
+                for p in &done_plans {
+                    plans.remove(&(p.disk_id, p.first_seq));
                 }
             }
             self.state.cache_used.store(g.cache_used, Ordering::Relaxed);
+            self.state.hot.insert(g.hot);
+            for p in &done_plans {
+                self.state.hot.release_through(p.disk_id, p.last_seq);
+            }
             if freed_any {
                 let disks = self.state.disks.read().expect("lock");
                 self.log.borrow_mut().reclaim(&disks);
@@ -1166,6 +1189,7 @@ impl Writer {
                         let ptr = self.log.borrow_mut().append(id, &rec);
                         added += ptr.len as u64;
                         g.wb.put_cf(journal, journal_key(id, seq), ptr.encode());
+                        g.hot.push((id, rec));
                     } else {
                         let value = rec.to_journal_value();
                         added += value.len() as u64;
@@ -1324,12 +1348,27 @@ impl Writer {
 
     fn plan(&self, g: &mut Group, disk_id: u32, first_seq: u64, last_seq: u64) -> Result<SegmentPlan, JournalError> {
         let meta = self.db.cf_handle(CF_META).expect("meta cf");
-        if let Some(p) = self.state.plans.read().expect("lock").get(&disk_id) {
-            return Ok(*p);
-        }
+        // A plan that already covers `first_seq` (made before a restart) is the one to upload.
+        let planned_through = {
+            let plans = self.state.plans.read().expect("lock");
+            let mine = plans.range((disk_id, 0)..=(disk_id, u64::MAX)).map(|(_, p)| p);
+            if let Some(p) = mine
+                .clone()
+                .find(|p| p.first_seq <= first_seq && first_seq <= p.last_seq)
+            {
+                return Ok(*p);
+            }
+            mine.map(|p| p.last_seq).max()
+        };
         let d = self
             .disk_mut(g, disk_id)
             .ok_or_else(|| JournalError::Corrupt(format!("plan for unknown disk {disk_id}")))?;
+        let next = planned_through.unwrap_or(d.uploaded_through).max(d.uploaded_through) + 1;
+        if first_seq != next || last_seq < first_seq || last_seq >= d.next_seq {
+            return Err(JournalError::Corrupt(format!(
+                "segment plan {first_seq}..={last_seq} of disk {disk_id}: the next segment starts at {next}"
+            )));
+        }
         let plan = SegmentPlan {
             disk_id,
             counter: d.next_counter,
@@ -1337,7 +1376,11 @@ impl Writer {
             last_seq,
         };
         d.next_counter += 1;
-        g.wb.put_cf(meta, plan_key(disk_id), serde_json::to_vec(&plan).expect("json"));
+        g.wb.put_cf(
+            meta,
+            plan_key(disk_id, first_seq),
+            serde_json::to_vec(&plan).expect("json"),
+        );
         Ok(plan)
     }
 
@@ -1349,7 +1392,7 @@ impl Writer {
             journal_key(plan.disk_id, plan.first_seq),
             journal_key(plan.disk_id, plan.last_seq + 1),
         );
-        g.wb.delete_cf(meta, plan_key(plan.disk_id));
+        g.wb.delete_cf(meta, plan_key(plan.disk_id, plan.first_seq));
         let d = self
             .disk_mut(g, plan.disk_id)
             .ok_or_else(|| JournalError::Corrupt(format!("upload for unknown disk {}", plan.disk_id)))?;

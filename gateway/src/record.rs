@@ -46,13 +46,21 @@ impl LogRecord {
 
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
+        out.put_slice(&self.encode_head());
+        out.put_slice(&self.payload);
+    }
+
+    /// The encoded bytes before the payload.
+    pub fn encode_head(&self) -> [u8; FIXED_LEN] {
+        let mut head = [0u8; FIXED_LEN];
+        let mut out = &mut head[..];
         out.put_u8(self.kind as u8);
         out.put_u64(self.seq);
         out.put_u64(self.time_ms);
         out.put_u64(self.offset);
         out.put_u32(self.len);
         out.put_u32(self.payload.len() as u32);
-        out.put_slice(&self.payload);
+        head
     }
 
     /// Decodes one record from the front of `buf`, advancing it.

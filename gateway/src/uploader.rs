@@ -3,7 +3,7 @@
 //! deleted only after the put succeeded. Puts are retried with backoff for as long as it takes:
 //! during a blob-store outage the journal absorbs the writes and ingest is held back when full.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use tokio::sync::{watch, Mutex};
 use crate::blob::{self, layout};
 use crate::catalog;
 use crate::crypto::Key;
-use crate::journal::{DiskMeta, Journal, JournalError, SegmentPlan};
+use crate::journal::{DiskMeta, Journal, SegmentPlan};
 use crate::metrics::GatewayMetrics;
 use crate::record::LogRecord;
 use crate::segment;
@@ -60,14 +60,30 @@ impl BlobStore {
     }
 }
 
-/// Records of a disk's next segment, read and compressed ahead (see [`Uploader::prefetch`]).
-type Ahead = (Vec<LogRecord>, segment::CompressedChunks);
+/// Segments of one disk in flight at once: while one is put and synced, the next ones compress.
+pub const SEGMENTS_IN_FLIGHT: usize = 3;
 
-/// The next segment being read and compressed while the current one is put: `(disk, first seq)`.
-struct Prefetch {
-    disk: u32,
-    from: u64,
-    task: tokio::task::JoinHandle<Result<Option<Ahead>, JournalError>>,
+/// A segment put to blob storage, waiting for the segments before it to be finalised.
+struct Staged {
+    len: usize,
+    raw: usize,
+    journal_bytes: u64,
+    entry: catalog::SegmentEntry,
+    records: Vec<LogRecord>,
+}
+
+/// One segment in flight: its plan and the task that compresses, seals and puts it.
+struct InFlight {
+    plan: SegmentPlan,
+    attempt: u32,
+    task: tokio::task::JoinHandle<anyhow::Result<Staged>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // At shutdown the plan stays and the segment is put again (identically) at the next start.
+        self.task.abort();
+    }
 }
 
 pub struct Uploader {
@@ -76,7 +92,6 @@ pub struct Uploader {
     kek: Key,
     keys: Mutex<HashMap<(u32, u32), Key>>,
     metrics: GatewayMetrics,
-    prefetch: Mutex<Option<Prefetch>>,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -91,38 +106,40 @@ impl Uploader {
             kek,
             keys: Mutex::new(HashMap::new()),
             metrics,
-            prefetch: Mutex::new(None),
         }
     }
 
-    /// Runs until `shutdown` turns true. A segment in flight at shutdown is left as a plan and
-    /// re-uploaded (identically) on the next start.
+    /// Runs until `shutdown` turns true. Each disk keeps up to [`SEGMENTS_IN_FLIGHT`] segments
+    /// going (compressing, sealing, putting); they are finalised — catalogued, and their journal
+    /// entries dropped — strictly in sequence order. Segments in flight at shutdown are left as
+    /// plans and re-uploaded (identically) on the next start.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut compacted_at = 0u64;
+        let mut flights: HashMap<u32, VecDeque<InFlight>> = HashMap::new();
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let notified = self.journal.state.committed.notified();
-            let mut progressed = false;
             let disks = self.journal.disks();
             let pending = disks.iter().filter(|d| d.next_seq - 1 > d.uploaded_through).count();
             self.metrics.segments_pending.set(pending as i64);
-            for disk in disks {
-                tokio::select! {
-                    r = self.upload_one(&disk) => progressed |= r,
-                    _ = shutdown.changed() => return,
+            for disk in &disks {
+                let queue = flights.entry(disk.id).or_default();
+                if let Err(e) = self.start_segments(disk, queue).await {
+                    tracing::warn!(machine = %disk.machine, disk = %disk.disk, error = %e, "cannot start a segment; retrying");
                 }
             }
-            self.metrics.cache_used_bytes.set(self.journal.cache_used() as i64);
-            let uploaded = self.metrics.compressed_in_bytes.get();
-            if !progressed && self.journal.cache_used() == 0 && uploaded - compacted_at >= COMPACT_AFTER_BYTES {
-                // Everything is uploaded: reclaim the journal's disk space while it is cheap.
-                compacted_at = uploaded;
-                let j = self.journal.clone();
-                let _ = tokio::task::spawn_blocking(move || j.compact()).await;
-            }
-            if !progressed {
+            flights.retain(|_, q| !q.is_empty());
+            if flights.is_empty() {
+                self.metrics.cache_used_bytes.set(self.journal.cache_used() as i64);
+                let uploaded = self.metrics.compressed_in_bytes.get();
+                if self.journal.cache_used() == 0 && uploaded - compacted_at >= COMPACT_AFTER_BYTES {
+                    // Everything is uploaded: reclaim the journal's disk space while it is cheap.
+                    compacted_at = uploaded;
+                    let j = self.journal.clone();
+                    let _ = tokio::task::spawn_blocking(move || j.compact()).await;
+                }
                 tokio::select! {
                     _ = notified => {
                         // Let a burst of small batches gather into one segment.
@@ -133,30 +150,104 @@ impl Uploader {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => return,
                 }
+                continue;
+            }
+            // Wait for the oldest segment of any disk; new commits may start more segments.
+            let room = flights.values().all(|q| q.len() < SEGMENTS_IN_FLIGHT);
+            let fronts = flights
+                .iter_mut()
+                .map(|(id, q)| Box::pin(async move { (*id, (&mut q.front_mut().expect("non-empty").task).await) }));
+            let ((disk_id, result), _, _) = tokio::select! {
+                r = futures::future::select_all(fronts) => r,
+                _ = notified, if room => continue,
+                _ = shutdown.changed() => return,
+            };
+            let queue = flights.get_mut(&disk_id).expect("disk in flight");
+            let flight = queue.pop_front().expect("front");
+            let disk = disks.iter().find(|d| d.id == disk_id).cloned();
+            let staged = match result {
+                Ok(Ok(staged)) => Ok(staged),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!("upload task: {e}")),
+            };
+            match (staged, disk) {
+                (Ok(staged), _) => {
+                    if let Err(e) = self.finish(flight.plan, staged).await {
+                        tracing::warn!(error = %e, "finishing a segment failed; putting it again");
+                        self.metrics.upload_errors.inc();
+                        queue.push_front(self.retry(flight.plan, flight.attempt + 1));
+                    }
+                }
+                (Err(e), disk) => {
+                    self.metrics.upload_errors.inc();
+                    let wait = backoff(flight.attempt);
+                    let (machine, name) = disk.map(|d| (d.machine, d.disk)).unwrap_or_default();
+                    tracing::warn!(%machine, disk = %name, error = %e, retry_in = ?wait, "segment upload failed; the journal keeps the data");
+                    queue.push_front(self.retry(flight.plan, flight.attempt + 1));
+                }
             }
         }
     }
 
-    /// Uploads the next segment of `disk` if it has one; true if something was uploaded.
-    async fn upload_one(&self, disk: &DiskMeta) -> bool {
-        let mut attempt = 0;
-        loop {
-            let existing = self.journal.state.plans.read().expect("lock").get(&disk.id).copied();
-            if existing.is_none() && disk.next_seq - 1 <= disk.uploaded_through {
-                return false;
+    /// Starts segments of `disk` until it has [`SEGMENTS_IN_FLIGHT`]: first the plans left by a
+    /// previous run, then new ones. A segment short of [`SEGMENT_MAX_BYTES`] starts only when
+    /// nothing else of the disk is in flight, so a steady stream makes full segments.
+    async fn start_segments(self: &Arc<Self>, disk: &DiskMeta, queue: &mut VecDeque<InFlight>) -> anyhow::Result<()> {
+        while queue.len() < SEGMENTS_IN_FLIGHT {
+            let from = queue.back().map(|f| f.plan.last_seq).unwrap_or(disk.uploaded_through) + 1;
+            let existing = self
+                .journal
+                .state
+                .plans
+                .read()
+                .expect("lock")
+                .get(&(disk.id, from))
+                .copied();
+            if let Some(plan) = existing {
+                queue.push_back(self.spawn(plan, None, 0));
+                continue;
             }
-            match self.try_upload(disk, existing).await {
-                Ok(done) => return done,
-                Err(e) => {
-                    self.metrics.upload_errors.inc();
-                    let wait = backoff(attempt);
-                    tracing::warn!(machine = %disk.machine, disk = %disk.disk, error = %e, retry_in = ?wait, "segment upload failed; the journal keeps the data");
-                    tokio::time::sleep(wait).await;
-                    self.metrics.upload_retries.inc();
-                    attempt += 1;
-                }
+            let committed = self.journal.disk(&disk.machine, &disk.disk).map(|d| d.next_seq - 1);
+            if committed.is_none_or(|c| c < from) {
+                return Ok(());
             }
+            let in_flight: u64 = queue.iter().map(|f| f.plan.last_seq - f.plan.first_seq + 1).sum();
+            let (journal, id) = (self.journal.clone(), disk.id);
+            let records =
+                tokio::task::spawn_blocking(move || journal.read_records(id, from, u64::MAX, SEGMENT_MAX_BYTES))
+                    .await??;
+            let raw: usize = records.iter().map(|r| r.payload.len()).sum();
+            if records.is_empty() || (in_flight > 0 && raw < SEGMENT_MAX_BYTES) {
+                return Ok(());
+            }
+            let (first, last) = (records[0].seq, records[records.len() - 1].seq);
+            let plan = self.journal.plan_segment(id, first, last).await?;
+            if plan.first_seq != first || plan.last_seq != last {
+                // A plan already existed (made before a restart): upload that one.
+                queue.push_back(self.spawn(plan, None, 0));
+                continue;
+            }
+            queue.push_back(self.spawn(plan, Some(records), 0));
         }
+        Ok(())
+    }
+
+    /// Puts `plan`'s segment again after a failure, after a backoff.
+    fn retry(self: &Arc<Self>, plan: SegmentPlan, attempt: u32) -> InFlight {
+        self.spawn(plan, None, attempt)
+    }
+
+    /// Spawns the work of one segment: read its records (unless given), compress, seal, put.
+    fn spawn(self: &Arc<Self>, plan: SegmentPlan, records: Option<Vec<LogRecord>>, attempt: u32) -> InFlight {
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt - 1)).await;
+                me.metrics.upload_retries.inc();
+            }
+            me.stage(plan, records).await
+        });
+        InFlight { plan, attempt, task }
     }
 
     async fn data_key(&self, disk: &DiskMeta, key_id: u32) -> anyhow::Result<Key> {
@@ -176,78 +267,21 @@ impl Uploader {
         Ok(k)
     }
 
-    /// Starts reading and compressing the segment of disk `disk` from seq `from` on, when a full
-    /// segment's worth is already waiting: that work then overlaps the put of the current one
-    /// (compression needs no counter, so no plan is made ahead).
-    async fn start_prefetch(&self, disk: u32, from: u64, current_bytes: u64) {
-        let waiting = self.journal.cache_used().saturating_sub(current_bytes);
-        let more = self.journal.disks().iter().any(|d| d.id == disk && d.next_seq > from);
-        if !more || waiting < SEGMENT_MAX_BYTES as u64 {
-            return;
-        }
-        let journal = self.journal.clone();
-        let task = tokio::task::spawn_blocking(move || -> Result<Option<Ahead>, JournalError> {
-            let recs = journal.read_records(disk, from, u64::MAX, SEGMENT_MAX_BYTES)?;
-            if recs.is_empty() {
-                return Ok(None);
-            }
-            let compressed = segment::compress_chunks(&recs);
-            Ok(Some((recs, compressed)))
-        });
-        *self.prefetch.lock().await = Some(Prefetch { disk, from, task });
-    }
-
-    /// The records (and compressed chunks) read ahead for `disk` from `from`, if that is what
-    /// was prefetched; anything else prefetched is dropped.
-    async fn take_prefetch(&self, disk: u32, from: u64) -> Option<Ahead> {
-        let p = self.prefetch.lock().await.take()?;
-        if p.disk != disk || p.from != from {
-            p.task.abort();
-            return None;
-        }
-        match p.task.await {
-            Ok(Ok(ahead)) => ahead,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "read-ahead of the next segment failed; reading again");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
-    async fn try_upload(&self, disk: &DiskMeta, existing: Option<SegmentPlan>) -> anyhow::Result<bool> {
-        let journal = self.journal.clone();
-        let id = disk.id;
-        let mut compressed = None;
-        let (plan, records) = match existing {
-            Some(plan) => {
-                let recs = tokio::task::spawn_blocking(move || {
-                    journal.read_records(id, plan.first_seq, plan.last_seq, usize::MAX)
-                })
-                .await??;
-                (plan, recs)
-            }
+    /// Compresses, seals and puts the segment of `plan` (durably, for a local folder).
+    async fn stage(&self, plan: SegmentPlan, records: Option<Vec<LogRecord>>) -> anyhow::Result<Staged> {
+        let id = plan.disk_id;
+        let disk = self
+            .journal
+            .disks()
+            .into_iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| anyhow::anyhow!("segment of unknown disk {id}"))?;
+        let records = match records {
+            Some(r) => r,
             None => {
-                let from = disk.uploaded_through + 1;
-                let recs = match self.take_prefetch(id, from).await {
-                    Some((recs, chunks)) => {
-                        compressed = Some(chunks);
-                        recs
-                    }
-                    None => {
-                        tokio::task::spawn_blocking(move || journal.read_records(id, from, u64::MAX, SEGMENT_MAX_BYTES))
-                            .await??
-                    }
-                };
-                let (Some(first), Some(last)) = (recs.first(), recs.last()) else {
-                    return Ok(false);
-                };
-                let plan = self.journal.plan_segment(id, first.seq, last.seq).await?;
-                if plan.first_seq != first.seq || plan.last_seq != last.seq {
-                    // A plan already existed (raced with a restart path): redo from it.
-                    return Ok(false);
-                }
-                (plan, recs)
+                let journal = self.journal.clone();
+                tokio::task::spawn_blocking(move || journal.read_records(id, plan.first_seq, plan.last_seq, usize::MAX))
+                    .await??
             }
         };
         let expected = plan.last_seq - plan.first_seq + 1;
@@ -259,28 +293,42 @@ impl Uploader {
                 plan.last_seq
             );
         }
-        let key = self.data_key(disk, disk.key_id).await?;
+        let key = self.data_key(&disk, disk.key_id).await?;
         let raw: usize = records.iter().map(|r| r.encoded_len()).sum();
         let journal_bytes = (raw + 4 * records.len()) as u64;
-        self.start_prefetch(id, plan.last_seq + 1, journal_bytes).await;
         let (machine, diskname, key_id) = (disk.machine.clone(), disk.disk.clone(), disk.key_id);
         let path = layout::segment(&disk.machine, &disk.disk, plan.first_seq, plan.last_seq);
         let name = path.to_string();
         let (bytes, entry, records) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let compressed = compressed
-                .filter(|c| c.matches(&records))
-                .unwrap_or_else(|| segment::compress_chunks(&records));
-            let (_, bytes) =
-                segment::seal_segment(&machine, &diskname, key_id, plan.counter, &key, &records, compressed);
+            let (_, bytes) = segment::build_segment(&machine, &diskname, key_id, plan.counter, &key, &records);
             let (index, _) = segment::SegmentIndex::from_object(&bytes, |_| Ok(key.clone()), &name)?;
             Ok((bytes, catalog::SegmentEntry::from_index(&name, &index), records))
         })
         .await??;
         let len = bytes.len();
         self.blob.put_durable(&path, bytes).await?;
+        Ok(Staged {
+            len,
+            raw,
+            journal_bytes,
+            entry,
+            records,
+        })
+    }
+
+    /// Catalogues a put segment and lets the journal drop its records (in sequence order).
+    async fn finish(&self, plan: SegmentPlan, staged: Staged) -> anyhow::Result<()> {
+        let Staged {
+            len,
+            raw,
+            journal_bytes,
+            entry,
+            records,
+        } = staged;
         // The catalogue learns of the segment before the journal lets go of its records; both
         // writes share the WAL, so the synced journal update below makes this one durable too.
         let db = self.journal.db().clone();
+        let id = plan.disk_id;
         tokio::task::spawn_blocking(move || {
             let mut wb = rocksdb::WriteBatch::default();
             catalog::index_segment(&db, &mut wb, id, entry.first_seq, &entry, &records);
@@ -292,7 +340,14 @@ impl Uploader {
         self.metrics.compressed_in_bytes.inc_by(raw as u64);
         self.metrics.segments_uploaded.inc();
         self.metrics.record_drained(journal_bytes);
-        tracing::debug!(segment = %path, bytes = len, raw, "segment uploaded");
-        Ok(true)
+        self.metrics.cache_used_bytes.set(self.journal.cache_used() as i64);
+        tracing::debug!(
+            first_seq = plan.first_seq,
+            last_seq = plan.last_seq,
+            bytes = len,
+            raw,
+            "segment uploaded"
+        );
+        Ok(())
     }
 }

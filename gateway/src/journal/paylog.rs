@@ -15,18 +15,19 @@
 //! every record in it is at or below its disk's `uploaded_through`; at open, files that no
 //! pointer references are deleted and appends go to a fresh file.
 //!
+//! Groups are written with direct I/O (`O_DIRECT`) where the file system supports it: each group
+//! starts at a 4 KiB-aligned offset and is padded to a multiple of 4 KiB, from a reused aligned
+//! buffer. The payloads then skip the page cache, whose copy cost 0.45 s (reused pages) to 4 s
+//! (pages new to this VM) of system time per GiB here; the uploader takes the committed records
+//! from memory (the journal's hot tail), so the log is read back only after a restart.
 //! Reclaimed files are recycled (a few at a time): renamed to the next number and overwritten in
-//! place, like RocksDB's recycled WAL files. Overwriting pages the page cache still holds costs a
-//! fraction of filling freshly allocated ones (here about 0.2 s per GiB of system time instead of
-//! 0.4 to 4 s), and an in-place `fdatasync` has no file size to update. Stale bytes past the new
-//! end are never pointed at.
+//! place, like RocksDB's recycled WAL files, so an in-place `fdatasync` has no extents or file
+//! size to update. Stale bytes past the new end, and padding, are never pointed at.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-
-use bytes::BufMut;
 
 use super::{DiskMeta, JournalError};
 use crate::record::LogRecord;
@@ -44,6 +45,94 @@ pub const POINTER_TAG: u8 = 0xFF;
 pub const POINTER_LEN: usize = 1 + 8 + 8 + 4;
 /// Records with at least this much payload go to the payload log; smaller ones stay inline.
 pub const MIN_PAYLOAD: usize = 4096;
+/// Direct I/O alignment: of file offsets, write lengths and buffer addresses.
+const ALIGN: usize = 4096;
+
+fn round_up(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// A reusable write buffer whose bytes start at a 4 KiB-aligned address, as direct I/O needs.
+/// It keeps its memory between groups: no fresh pages to fault in and zero per group.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    /// Where the aligned data starts in `storage`.
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new() -> Self {
+        Self {
+            storage: Vec::new(),
+            start: 0,
+            len: 0,
+        }
+    }
+
+    /// Makes room for `extra` more bytes plus the padding to the next 4 KiB boundary.
+    fn reserve(&mut self, extra: usize) {
+        let need = round_up(self.len + extra);
+        if self.start + need <= self.storage.len() {
+            return;
+        }
+        let capacity = need.max(2 * (self.storage.len().saturating_sub(ALIGN))).max(1 << 20);
+        let mut storage = vec![0u8; capacity + ALIGN];
+        // A byte pointer can always be aligned; the offset is below ALIGN.
+        let start = storage.as_ptr().align_offset(ALIGN);
+        assert!(start < ALIGN, "cannot align a byte buffer");
+        storage[start..start + self.len].copy_from_slice(self.data());
+        self.storage = storage;
+        self.start = start;
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        self.reserve(bytes.len());
+        let at = self.start + self.len;
+        self.storage[at..at + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    /// The data followed by zeros up to a multiple of 4 KiB, at an aligned address.
+    fn padded(&mut self) -> &[u8] {
+        let end = round_up(self.len);
+        self.reserve(0);
+        self.storage[self.start + self.len..self.start + end].fill(0);
+        &self.storage[self.start..self.start + end]
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Whether files in `dir` take direct I/O (not on tmpfs before Linux 6.6, for one): writes one
+/// aligned block to a probe file.
+fn supports_direct_io(dir: &Path) -> bool {
+    let probe = dir.join("direct-io.probe");
+    let ok = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .and_then(|f| {
+            let mut b = AlignedBuf::new();
+            b.put(&[0u8; ALIGN]);
+            f.write_all_at(b.data(), 0)
+        })
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
 
 /// Where a record's journal value lies in the payload log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +239,9 @@ pub struct PayloadLog {
     /// Per file: the highest sequence number of each disk in it.
     files: BTreeMap<u64, HashMap<u32, u64>>,
     /// The group being built: appended as one write, then synced.
-    buf: Vec<u8>,
+    buf: AlignedBuf,
+    /// Files are written with direct I/O (groups aligned and padded to 4 KiB).
+    direct: bool,
     /// An append failed: the next group starts a new file (the failed one's length is unknown).
     broken: bool,
     /// Reclaimed files (by their old number) waiting to be recycled; unreferenced, so a restart
@@ -188,13 +279,15 @@ impl PayloadLog {
                 )));
             }
         }
+        let direct = std::env::var_os("LIFEBOAT_BUFFERED_PAYLOAD_LOG").is_none() && supports_direct_io(&dir);
         Ok(Self {
+            direct,
             dir,
             file: None,
             no: highest,
             len: FILE_BYTES,
             files,
-            buf: Vec::new(),
+            buf: AlignedBuf::new(),
             broken: false,
             free: Vec::new(),
         })
@@ -212,29 +305,42 @@ impl PayloadLog {
         }
         let no = self.no + 1;
         let path = self.dir.join(file_name(no));
+        let mut options = OpenOptions::new();
+        options.write(true);
+        if self.direct {
+            options.custom_flags(libc::O_DIRECT);
+        }
         let f = match self.free.pop() {
             Some(old) => {
                 let old_path = self.dir.join(file_name(old));
                 std::fs::rename(&old_path, &path).map_err(|e| io_err("recycling of", &old_path, e))?;
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| io_err("open", &path, e))?
+                options.open(&path).map_err(|e| io_err("open", &path, e))?
             }
-            None => OpenOptions::new()
+            None => options
                 .create_new(true)
-                .write(true)
                 .open(&path)
                 .map_err(|e| io_err("create", &path, e))?,
         };
-        f.write_all_at(&header(no), 0).map_err(|e| io_err("write", &path, e))?;
+        // The header block: padded to 4 KiB with direct I/O, so that groups start aligned.
+        debug_assert!(self.buf.is_empty(), "rotation happens between groups");
+        self.buf.clear();
+        self.buf.put(&header(no));
+        let block = if self.direct {
+            self.buf.padded()
+        } else {
+            self.buf.data()
+        };
+        let len = block.len() as u64;
+        let written = f.write_all_at(block, 0);
+        self.buf.clear();
+        written.map_err(|e| io_err("write", &path, e))?;
         f.sync_all().map_err(|e| io_err("sync", &path, e))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("sync of folder", &self.dir, e))?;
         self.file = Some(f);
         self.no = no;
-        self.len = HEADER_LEN as u64;
+        self.len = len;
         self.broken = false;
         Ok(())
     }
@@ -248,16 +354,19 @@ impl PayloadLog {
     /// Only after [`Self::rotate_if_needed`] succeeded ([`Self::ready`]).
     pub fn append(&mut self, disk: u32, record: &LogRecord) -> Pointer {
         assert!(self.ready(), "payload log append without an open file");
-        let start = self.buf.len();
-        record.encode_into(&mut self.buf);
-        let crc = crc32c::crc32c(&self.buf[start..]);
-        self.buf.put_u32(crc);
+        let start = self.buf.len;
+        let head = record.encode_head();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &record.payload);
+        self.buf.reserve(head.len() + record.payload.len() + 4);
+        self.buf.put(&head);
+        self.buf.put(&record.payload);
+        self.buf.put(&crc.to_be_bytes());
         let max = self.files.entry(self.no).or_default().entry(disk).or_insert(0);
         *max = (*max).max(record.seq);
         Pointer {
             file: self.no,
             offset: self.len + start as u64,
-            len: (self.buf.len() - start) as u32,
+            len: (self.buf.len - start) as u32,
         }
     }
 
@@ -268,8 +377,14 @@ impl PayloadLog {
         }
         let path = self.dir.join(file_name(self.no));
         let f = self.file.as_ref().expect("a group appends to an open file");
-        let r = f.write_all_at(&self.buf, self.len).and_then(|_| f.sync_data());
-        let n = self.buf.len() as u64;
+        // With direct I/O the group is padded to 4 KiB, so the next one starts aligned.
+        let group = if self.direct {
+            self.buf.padded()
+        } else {
+            self.buf.data()
+        };
+        let n = group.len() as u64;
+        let r = f.write_all_at(group, self.len).and_then(|_| f.sync_data());
         // Keep the buffer's memory for the next group: no fresh pages to fault in and zero.
         self.buf.clear();
         match r {
@@ -428,13 +543,69 @@ mod tests {
         j.commit("m", 1, 1, vec![write(0, 7, 8192)]).await.unwrap();
         let no = files(dir.path())[0];
         let path = dir.path().join(DIR).join(file_name(no));
+        let ptr = {
+            let journal = j.db().cf_handle(crate::journal::CF_JOURNAL).unwrap();
+            let (_, v) = j
+                .db()
+                .iterator_cf(journal, rocksdb::IteratorMode::Start)
+                .next()
+                .unwrap()
+                .unwrap();
+            Pointer::decode(&v).unwrap().unwrap()
+        };
+        // After a restart the record comes from the file (not the hot tail in memory).
+        drop(j);
         let mut data = std::fs::read(&path).unwrap();
-        let at = data.len() - 100;
-        data[at] ^= 1;
+        data[(ptr.offset + ptr.len as u64 - 100) as usize] ^= 1;
         std::fs::write(&path, data).unwrap();
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
         let d = j.disk("m", "disk0").unwrap();
         let err = j.read_records(d.id, 1, 1, usize::MAX).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn groups_are_aligned_for_direct_io_and_read_back_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct = supports_direct_io(dir.path());
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
+        for (batch, len) in [(1u64, 5000usize), (2, 65536), (3, 4096 * 3 + 1)] {
+            j.commit("m", 1, batch, vec![write(batch * 65536, batch as u8, len)])
+                .await
+                .unwrap();
+        }
+        let d = j.disk("m", "disk0").unwrap();
+        let from_memory = j.read_records(d.id, 1, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(j.state.hot.bytes(), 5000 + 65536 + 4096 * 3 + 1);
+        drop(j);
+        let no = files(dir.path())[0];
+        let len = std::fs::metadata(dir.path().join(DIR).join(file_name(no)))
+            .unwrap()
+            .len();
+        if direct {
+            assert_eq!(len % ALIGN as u64, 0, "each group is padded to 4 KiB");
+        }
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(j.state.hot.bytes(), 0);
+        let from_log = j.read_records(d.id, 1, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(from_log, from_memory);
+        assert_eq!(from_log[2].payload.len(), 4096 * 3 + 1);
+        assert!(from_log[1].payload.iter().all(|b| *b == 2));
+    }
+
+    #[test]
+    fn the_aligned_buffer_grows_without_losing_bytes() {
+        let mut b = AlignedBuf::new();
+        b.put(&[1; 10]);
+        let big = vec![2u8; 3 << 20];
+        b.put(&big);
+        assert_eq!(b.data().as_ptr() as usize % ALIGN, 0);
+        assert_eq!(&b.data()[..10], &[1; 10]);
+        assert_eq!(b.data().len(), 10 + (3 << 20));
+        let padded = b.padded();
+        assert_eq!(padded.len() % ALIGN, 0);
+        assert!(padded[10 + (3 << 20)..].iter().all(|x| *x == 0));
     }
 
     #[tokio::test]
