@@ -83,6 +83,8 @@ pub struct Cache {
     pub max_bytes: String,
     /// Decompressed chunks the read side (NBD, FUSE) keeps in memory.
     pub chunk_cache_bytes: String,
+    /// Committed writes kept in memory for the uploader (beyond it, they are read back from disk).
+    pub memory_bytes: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,6 +168,7 @@ impl Default for Cache {
         Self {
             max_bytes: "8GiB".into(),
             chunk_cache_bytes: "512MiB".into(),
+            memory_bytes: "256MiB".into(),
         }
     }
 }
@@ -217,6 +220,7 @@ pub struct Resolved {
     pub blob_url: String,
     pub cache_max_bytes: u64,
     pub chunk_cache_bytes: u64,
+    pub cache_memory_bytes: u64,
     pub policy: ResolvedPolicy,
 }
 
@@ -292,6 +296,7 @@ impl Config {
         }
         Ok(Resolved {
             chunk_cache_bytes: parse_size(&self.cache.chunk_cache_bytes)?,
+            cache_memory_bytes: parse_size(&self.cache.memory_bytes)?,
             policy,
             cert: PathBuf::from(sub(&self.tls.cert)),
             key: PathBuf::from(sub(&self.tls.key)),

@@ -47,6 +47,7 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
         let ps_cfg = ProcessServerConfig {
             journal_dir: cfg.data_dir.join("journal"),
             cache_max_bytes: cfg.cache_max_bytes,
+            cache_memory_bytes: cfg.cache_memory_bytes,
             blob_url: cfg.blob_url.clone(),
             blob_options: cfg.raw.blob.options.clone(),
             passphrase: passphrase.clone(),

@@ -50,6 +50,8 @@ use tokio::sync::watch;
 pub struct ProcessServerConfig {
     pub journal_dir: PathBuf,
     pub cache_max_bytes: u64,
+    /// Committed records kept in memory for the uploader (the journal's hot tail).
+    pub cache_memory_bytes: u64,
     pub blob_url: String,
     pub blob_options: BTreeMap<String, String>,
     pub passphrase: String,
@@ -129,6 +131,7 @@ impl ProcessServer {
         let dir = cfg.journal_dir.clone();
         let max = cfg.cache_max_bytes;
         let journal = tokio::task::spawn_blocking(move || journal::Journal::open(&dir, max)).await??;
+        journal.state.hot.set_limit(cfg.cache_memory_bytes);
         metrics.cache_limit_bytes.set(cfg.cache_max_bytes as i64);
         metrics.cache_used_bytes.set(journal.cache_used() as i64);
         let up = Arc::new(uploader::Uploader::new(
