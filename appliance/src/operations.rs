@@ -7,7 +7,7 @@
 //! | GET | `/api/agents` | registered agents: version, registered, last seen |
 //! | GET | `/api/process-servers` | process servers (the local one and scale-out ones): state, cache, machines |
 //! | POST | `/api/process-servers/register` | a scale-out process server registers (`Registration`, with the passphrase) → `{name, token}` |
-//! | PUT | `/api/process-servers/NAME/heartbeat` | its heartbeat (`Heartbeat`, its own bearer token) → the machines assigned to it |
+//! | PUT | `/api/process-servers/NAME/heartbeat` | its heartbeat (`Heartbeat`, its own bearer token) → the machines assigned to it and their flags |
 //! | PUT | `/api/machines/M/process-server` | `{process_server}`: M's agent is sent there from now on (`local` = this appliance) |
 //! | GET | `/api/groups` | replication groups |
 //! | PUT / DELETE | `/api/groups/NAME` | `{machines, policy}` (409: a machine is in another group) |
@@ -43,6 +43,10 @@ pub struct Operations {
     pub coordinator: Arc<Coordinator>,
     pub events: Events,
     pub ingest: Arc<gateway::server::IngestState>,
+    /// Wakes the catalogue follower (each heartbeat of a scale-out process server does).
+    pub follow_wake: Arc<tokio::sync::Notify>,
+    /// The machine flags heartbeats carry to and from scale-out process servers.
+    pub flags: gateway::process_servers::FlagRelay,
     /// The replication address agents use (this appliance's process server).
     pub replication_address: String,
 }
@@ -314,7 +318,13 @@ async fn process_servers(
                 .map(|(m, _)| m.clone())
                 .collect()
         };
-        let mut machines: Vec<String> = j.disks().into_iter().map(|d| d.machine).collect();
+        // Followed disks are written by a scale-out process server, not here.
+        let mut machines: Vec<String> = j
+            .disks()
+            .into_iter()
+            .filter(|d| !d.is_followed())
+            .map(|d| d.machine)
+            .collect();
         machines.sort();
         machines.dedup();
         let now = lifeboat_fs::pit::now_ms();
@@ -385,15 +395,24 @@ async fn process_server_heartbeat(
     let token = gateway::server::bearer_token(&headers).unwrap_or_default().to_string();
     let hb: Heartbeat =
         serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("heartbeat body: {e}")))?;
-    let ingest = ops(&s)?.ingest.clone();
-    off_reactor(move || {
-        ingest
+    let o = ops(&s)?;
+    let ingest = o.ingest.clone();
+    let ops = s.operations.clone().expect("checked above");
+    let answer = off_reactor(move || {
+        let reported = hb.resync_required.clone();
+        let mut answer = ingest
             .process_servers
             .heartbeat(&name, &token, hb)
-            .map_err(process_server_error)
+            .map_err(process_server_error)?;
+        ops.flags
+            .exchange(&ops.coordinator, &name, &reported, &mut answer)
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(answer)
     })
-    .await
-    .map(Json)
+    .await?;
+    // Its machines' logs may have moved on: the follower looks now.
+    o.follow_wake.notify_one();
+    Ok(Json(answer))
 }
 
 async fn assign_process_server(
@@ -530,8 +549,11 @@ pub fn openapi() -> (serde_json::Value, serde_json::Value) {
             "version": str_, "passphrase": str_, "heartbeat_interval_ms": int}},
         "ProcessServerToken": {"type": "object", "properties": {"name": str_, "token": str_}},
         "Heartbeat": {"type": "object", "required": ["cache_used_bytes", "cache_limit_bytes", "machines"], "properties": {
-            "cache_used_bytes": int, "cache_limit_bytes": int, "machines": strings, "version": str_}},
-        "HeartbeatAnswer": {"type": "object", "properties": {"assigned": strings}},
+            "cache_used_bytes": int, "cache_limit_bytes": int, "machines": strings, "version": str_,
+            "resync_required": {"type": "object", "additionalProperties": str_, "description": "its machines that must resynchronise, with the reason"}}},
+        "HeartbeatAnswer": {"type": "object", "properties": {"assigned": strings,
+            "stopped": {"type": "object", "additionalProperties": str_, "description": "assigned machines whose replication is stopped (failed over), with the reason"},
+            "resync": {"type": "object", "additionalProperties": str_, "description": "assigned machines to mark resync-required, with the reason"}}},
         "ProcessServerAssignment": {"type": "object", "required": ["process_server"], "properties": {"machine": str_, "process_server": str_}},
         "BookmarkAsked": {"type": "object", "properties": {"machine": str_, "request": int}},
         "Group": {"type": "object", "required": ["machines"], "properties": {"machines": strings, "policy": {"type": "string", "default": "default"}}},

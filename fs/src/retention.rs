@@ -47,6 +47,8 @@ pub struct Retention {
     delete_after: Duration,
     /// When this process switched each disk's base, for `delete_after`.
     switched: std::sync::Mutex<HashMap<u32, std::time::Instant>>,
+    /// Which machines this process server replicates now (see [`Retention::only_for`]).
+    serves: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
 /// Crash tests: `LIFEBOAT_FAILPOINT=NAME` aborts the process (like kill -9) when a roll-up reaches
@@ -76,7 +78,16 @@ impl Retention {
             policies,
             delete_after: Duration::ZERO,
             switched: std::sync::Mutex::new(HashMap::new()),
+            serves: Arc::new(|_| true),
         }
+    }
+
+    /// Keeps to the machines `serves` names (it may read RocksDB: it is called on a blocking
+    /// thread). A machine moved to another process server keeps its disks in this journal, but
+    /// its log is that server's now: rolling it up here would race with its new writer.
+    pub fn only_for(mut self, serves: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.serves = Arc::new(serves);
+        self
     }
 
     /// Keeps the objects a roll-up replaced for `delay` after the switch, then a later pass
@@ -110,7 +121,13 @@ impl Retention {
     /// One pass over every machine.
     pub async fn pass(&self) -> anyhow::Result<RetentionOutcome> {
         let mut out = RetentionOutcome::default();
-        for machine in self.reader.machines() {
+        let (mut machines, serves) = (self.reader.machines(), self.serves.clone());
+        let machines = tokio::task::spawn_blocking(move || {
+            machines.retain(|m| serves(m));
+            machines
+        })
+        .await?;
+        for machine in machines {
             self.machine(&machine, &mut out).await?;
         }
         Ok(out)
