@@ -610,6 +610,13 @@ async fn scale_out_process_server_takes_the_machines_assigned_to_it() {
         .unwrap_or_else(|| panic!("m2 not listed: {listed:#}"));
     assert_eq!(m2["process_server"], "ps2", "{m2}");
     assert_eq!(m2["state"], "protected", "{m2}");
+    // Its points are cut where it replicates: asking here for a bookmark is refused.
+    let err = refused(
+        cs.admin(&["machines", "bookmark", "m2"]),
+        "409",
+        "bookmark of a followed machine",
+    );
+    assert!(err.contains("ps2"), "{err}");
     let metrics = cs.metrics_text();
     assert!(
         metrics

@@ -255,8 +255,18 @@ async fn ask_bookmark(
 ) -> ApiResult<BookmarkAsked> {
     authorize(&s, &headers)?;
     let o = ops(&s)?;
-    if s.reader.as_ref().is_none_or(|r| r.disks(&machine).is_empty()) {
+    let disks = s.reader.as_ref().map(|r| r.disks(&machine)).unwrap_or_default();
+    if disks.is_empty() {
         return Err(error(StatusCode::NOT_FOUND, format!("unknown machine {machine:?}")));
+    }
+    if let Some(d) = disks.iter().find(|d| d.is_followed()) {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "{machine:?} replicates to process server {:?}: its agent takes app-consistent points there (on that server's schedule, or `lifeboat agent bookmark` against it)",
+                d.followed_from
+            ),
+        ));
     }
     let ask: AskBody = if body.is_empty() {
         AskBody::default()
@@ -509,7 +519,7 @@ pub fn openapi() -> (serde_json::Value, serde_json::Value) {
             "responses": {"202": {"description": "marked"}, "404": e("unknown machine")}}},
         "/api/machines/{machine}/bookmark": {"post": {"summary": "ask the machine's agent (its group's agents) for an app-consistent point now", "parameters": [name("machine")],
             "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"label": {"type": "string"}}}}}},
-            "responses": {"200": one("asked", "BookmarkAsked"), "404": e("unknown machine")}}},
+            "responses": {"200": one("asked", "BookmarkAsked"), "404": e("unknown machine"), "409": e("the machine replicates to a scale-out process server")}}},
         "/api/groups": {"get": {"summary": "replication groups", "responses": {"200": many("groups", "NamedGroup")}}},
         "/api/groups/{name}": {
             "put": {"summary": "create or replace a replication group", "parameters": [name("name")], "requestBody": body("Group"),
