@@ -111,6 +111,29 @@ struct Followed {
     base: BaseState,
 }
 
+fn base_through(disks: &[Followed], disk: &str) -> u64 {
+    disks
+        .iter()
+        .find(|f| f.meta.disk == disk)
+        .map(|f| f.base.through_seq)
+        .unwrap_or(0)
+}
+
+/// What to do with a point of which `marks` (disk, record) were seen so far: `None` to wait
+/// (a followed disk has neither its record nor anything later yet), `Some(true)` to register
+/// it, `Some(false)` to forget it (a base image now covers its position on some disk: its
+/// process server's retention dropped it).
+fn settle(marks: &[(String, PointMark)], disks: &[Followed]) -> Option<bool> {
+    let (_, first) = marks.first()?;
+    if marks.iter().any(|(d, m)| m.seq <= base_through(disks, d)) {
+        return Some(false);
+    }
+    disks
+        .iter()
+        .all(|f| f.pos.last_time_ms > first.time_ms || marks.iter().any(|(d, _)| *d == f.meta.disk))
+        .then_some(true)
+}
+
 pub struct Follower {
     reader: Arc<Reader>,
     kek: Key,
@@ -367,13 +390,7 @@ impl Follower {
         let (added, dropped) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
             let db = journal.db();
             let meta = db.cf_handle(journal::CF_META).expect("meta cf");
-            let base_of = |disk: &str| {
-                disks
-                    .iter()
-                    .find(|f| f.meta.disk == disk)
-                    .map(|f| f.base.through_seq)
-                    .unwrap_or(0)
-            };
+            let base_of = |disk: &str| base_through(&disks, disk);
             let mut pending: BTreeMap<u64, Vec<(String, PointMark)>> = BTreeMap::new();
             let prefix = mark_prefix(&machine);
             for item in db.prefix_iterator_cf(meta, &prefix) {
@@ -390,18 +407,13 @@ impl Follower {
             let mut wb = WriteBatch::default();
             let (mut added, mut dropped) = (0, 0);
             for (id, marks) in pending {
-                let expired = marks.iter().any(|(d, m)| m.seq <= base_of(d));
-                let time_ms = marks[0].1.time_ms;
-                let complete = disks
-                    .iter()
-                    .all(|f| f.pos.last_time_ms > time_ms || marks.iter().any(|(d, _)| *d == f.meta.disk));
-                if !expired && !complete {
+                let Some(register) = settle(&marks, &disks) else {
                     continue;
-                }
+                };
                 for (d, _) in &marks {
                     wb.delete_cf(meta, mark_key(&machine, id, d));
                 }
-                if expired {
+                if !register {
                     continue;
                 }
                 added += !points.contains_key(&id) as usize;
@@ -433,5 +445,68 @@ impl Follower {
         out.points_added += added;
         out.points_dropped += dropped;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn followed(disk: &str, last_time_ms: u64, base_through: u64) -> Followed {
+        Followed {
+            meta: DiskMeta {
+                id: 1,
+                machine: "m".into(),
+                disk: disk.into(),
+                size: 1 << 20,
+                key_id: 0,
+                next_seq: 1,
+                uploaded_through: 0,
+                next_counter: 0,
+                followed_from: "ps2".into(),
+            },
+            pos: Position {
+                through: 0,
+                last_time_ms,
+            },
+            base: BaseState {
+                generation: (base_through > 0) as u64,
+                through_seq: base_through,
+            },
+        }
+    }
+
+    fn mark(disk: &str, seq: u64, time_ms: u64) -> (String, PointMark) {
+        (
+            disk.into(),
+            PointMark {
+                point: 7,
+                seq,
+                time_ms,
+                kind: "crash-consistent".into(),
+                label: String::new(),
+            },
+        )
+    }
+
+    /// A point is registered only once no followed disk can still bring its record: a disk
+    /// lagging behind holds it back, a disk whose log went past the point's time without it
+    /// (it was added later) does not, and a base image over its position ends it.
+    #[test]
+    fn a_point_waits_for_every_disk_that_may_still_hold_it() {
+        let disks = [followed("disk0", 1_000, 0), followed("disk1", 900, 0)];
+        assert_eq!(settle(&[mark("disk0", 10, 950)], &disks), None, "disk1 lags behind");
+        assert_eq!(
+            settle(&[mark("disk0", 10, 950), mark("disk1", 4, 950)], &disks),
+            Some(true)
+        );
+        assert_eq!(
+            settle(&[mark("disk0", 10, 850)], &disks),
+            Some(true),
+            "disk1 went past it"
+        );
+        let rolled = [followed("disk0", 1_000, 12), followed("disk1", 900, 0)];
+        assert_eq!(settle(&[mark("disk0", 10, 950)], &rolled), Some(false));
+        assert_eq!(settle(&[], &disks), None);
     }
 }
