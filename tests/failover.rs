@@ -465,11 +465,36 @@ fn wait_process_server(app: &Appliance, name: &str, what: &str, pred: impl Fn(&s
     }
 }
 
+/// Polls `f` (every 250 ms, for up to `limit`) until it gives a value.
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The config server's newest readable point of `machine` covering disk0 through `seq` (none
+/// while the machine is unknown there).
+fn point_through(app: &Appliance, machine: &str, seq: u64) -> Option<PointInfo> {
+    let out = app.admin(&["points", "list", "--json", "--machine", machine]);
+    let points: Vec<PointInfo> = serde_json::from_slice(&out.stdout).ok()?;
+    points
+        .into_iter()
+        .find(|p| p.readable && p.seqs.get("disk0").is_some_and(|s| *s >= seq))
+}
+
 /// Scale-out: a process-server-only appliance registers with the config server (passphrase,
 /// then its own token) and sends heartbeats; a machine assigned to it has its agent redirected
 /// there by the config server's process server; its data reaches the shared blob storage
-/// through the scale-out process server; registration and assignment survive a config server
-/// restart; a stopped process server shows up as unreachable.
+/// through the scale-out process server; the config server follows that log live (the machine
+/// and its points are listed there, and it fails over byte-exact from there, also after the
+/// process server's own retention rolled the log into a base image), and the failover stops
+/// its replication at the process server too until failback; registration and assignment
+/// survive a config server restart; a stopped process server shows up as unreachable.
 #[tokio::test(flavor = "multi_thread")]
 async fn scale_out_process_server_takes_the_machines_assigned_to_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -486,8 +511,10 @@ async fn scale_out_process_server_takes_the_machines_assigned_to_it() {
         ),
     )
     .unwrap();
+    // ps2 cuts a crash point every second and keeps points for 12 s: its retention rolls the
+    // log into a base image within the test.
     let ps2_toml = format!(
-        "roles = [\"process\"]\n[config_server]\nurl = \"https://{}\"\nca = \"{}\"\nname = \"ps2\"\nheartbeat_interval = \"500ms\"\n",
+        "roles = [\"process\"]\n[config_server]\nurl = \"https://{}\"\nca = \"{}\"\nname = \"ps2\"\nheartbeat_interval = \"500ms\"\n[policy]\ncrash_consistent_interval = \"1s\"\nretention = \"12s\"\n",
         cs.management,
         cs.cert.display()
     );
@@ -566,6 +593,110 @@ async fn scale_out_process_server_takes_the_machines_assigned_to_it() {
     )
     .await;
     assert_same_image(&replayed, &disk2, "m2 replicated through ps2");
+
+    // The config server follows m2's log into its own catalogue, live: m2 is listed (on ps2)
+    // with its points, without `index rebuild`.
+    let first = wait_for(
+        "the config server to follow m2's first point",
+        Duration::from_secs(30),
+        || point_through(&cs, "m2", s2.disks[0].last_seq),
+    );
+    let listed = json(cs.admin(&["machines", "list", "--json"]), "machines list");
+    let m2 = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["machine"] == "m2")
+        .unwrap_or_else(|| panic!("m2 not listed: {listed:#}"));
+    assert_eq!(m2["process_server"], "ps2", "{m2}");
+    assert_eq!(m2["state"], "protected", "{m2}");
+    // Its points are cut where it replicates: asking here for a bookmark is refused.
+    let err = refused(
+        cs.admin(&["machines", "bookmark", "m2"]),
+        "409",
+        "bookmark of a followed machine",
+    );
+    assert!(err.contains("ps2"), "{err}");
+    let metrics = cs.metrics_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lifeboat_recovery_points{machine=\"m2\"} ") && !l.ends_with(" 0")),
+        "the config server counts m2's points: {metrics}"
+    );
+    // Retention runs on ps2 for its own disks: once m2's first points are past 12 s, its log is
+    // rolled into a base image there; the config server follows the switch (the expired points
+    // go from its list too).
+    change_blocks(&d2, &[1, 30, 31, 90], 0x3c);
+    let s2b = cs.sync("m2", &[&d2]);
+    let disk2b = std::fs::read(&d2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let base = loop {
+        if let Some(b) = gateway::blob::get_base_manifest(store.as_ref(), "m2", "disk0")
+            .await
+            .unwrap()
+        {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "ps2 never rolled m2's log into a base image");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(base.through_seq >= first.seqs["disk0"], "{base:?}");
+    let latest = wait_for(
+        "the config server to follow ps2's base switch",
+        Duration::from_secs(30),
+        || {
+            let points = cs.points("m2");
+            let latest = points
+                .iter()
+                .find(|p| p.readable && p.seqs["disk0"] >= s2b.disks[0].last_seq)?;
+            (!points.iter().any(|p| p.id == first.id)).then(|| latest.clone())
+        },
+    );
+    // Failover of m2 from the config server: the point, byte-exact.
+    let fo = work.join("failover");
+    let job = json(
+        cs.admin(&[
+            "failover",
+            "--machine",
+            "m2",
+            "--point",
+            &latest.id.to_string(),
+            "--target-dir",
+            fo.to_str().unwrap(),
+            "--json",
+        ]),
+        "failover of m2",
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_same_image(
+        &std::fs::read(fo.join("m2/disk0.img")).unwrap(),
+        &disk2b,
+        "m2 failed over from the followed catalogue",
+    );
+    assert_eq!(machine_state(&cs, "m2"), "failed-over");
+    // ps2 learns it in its next heartbeat: m2's agent is refused there as it would be here.
+    let refusal = wait_for("ps2 to stop m2's replication", Duration::from_secs(15), || {
+        let out = cs.agent("sync", "m2").arg("--disk").arg(&d2).output().unwrap();
+        (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).to_string())
+    });
+    assert!(
+        refusal.contains("409") && refusal.contains("replication of \"m2\" is stopped"),
+        "{refusal}"
+    );
+    // Failback re-protects: nothing differs, and ps2 takes m2's writes again.
+    let target = format!("m2/disk0={}", d2.display());
+    let job = json(
+        cs.admin(&["failback", "--machine", "m2", "--target", &target, "--json"]),
+        "failback of m2",
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["results"][0]["blocks_written"], 0, "{job}");
+    wait_for("ps2 to resume m2's replication", Duration::from_secs(15), || {
+        let out = cs.agent("sync", "m2").arg("--disk").arg(&d2).output().unwrap();
+        out.status.success().then_some(())
+    });
+    assert_ne!(machine_state(&cs, "m2"), "failed-over");
 
     // The registry and the assignment are durable on the config server.
     cs.restart();

@@ -256,6 +256,7 @@ fn openapi() -> serde_json::Value {
                     "machine": {"type": "string"},
                     "state": {"type": "string", "enum": ["initial-sync", "protected", "resync-required", "test-failover", "failed-over"]},
                     "policy": {"type": "string"}, "group": {"type": "string"}, "latest_point": {"type": "integer"},
+                    "process_server": {"type": "string", "description": "the scale-out process server replicating it (absent: this appliance)"},
                     "disks": {"type": "array", "items": {"$ref": "#/components/schemas/Disk"}}}},
                 "Policy": {"type": "object", "additionalProperties": false,
                     "required": ["crash_consistent_interval", "app_consistent_interval", "retention", "rpo_threshold"],
@@ -325,6 +326,10 @@ pub struct MachineInfo {
     /// The newest recovery point, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_point: Option<u64>,
+    /// The scale-out process server that replicates the machine, when its catalogue here is
+    /// followed from that server's log (empty: this appliance's own process server).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub process_server: String,
     pub disks: Vec<DiskInfo>,
 }
 
@@ -368,6 +373,12 @@ async fn machines(State(s): State<Arc<ManagementState>>, headers: HeaderMap) -> 
                         .and_then(|o| o.coordinator.groups().group_of(&m).ok().flatten())
                         .unwrap_or_default(),
                     latest_point,
+                    process_server: r
+                        .disks(&m)
+                        .into_iter()
+                        .map(|d| d.followed_from)
+                        .find(|p| !p.is_empty())
+                        .unwrap_or_default(),
                     disks: r
                         .disks(&m)
                         .into_iter()

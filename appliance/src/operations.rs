@@ -7,7 +7,7 @@
 //! | GET | `/api/agents` | registered agents: version, registered, last seen |
 //! | GET | `/api/process-servers` | process servers (the local one and scale-out ones): state, cache, machines |
 //! | POST | `/api/process-servers/register` | a scale-out process server registers (`Registration`, with the passphrase) → `{name, token}` |
-//! | PUT | `/api/process-servers/NAME/heartbeat` | its heartbeat (`Heartbeat`, its own bearer token) → the machines assigned to it |
+//! | PUT | `/api/process-servers/NAME/heartbeat` | its heartbeat (`Heartbeat`, its own bearer token) → the machines assigned to it and their flags |
 //! | PUT | `/api/machines/M/process-server` | `{process_server}`: M's agent is sent there from now on (`local` = this appliance) |
 //! | GET | `/api/groups` | replication groups |
 //! | PUT / DELETE | `/api/groups/NAME` | `{machines, policy}` (409: a machine is in another group) |
@@ -43,6 +43,10 @@ pub struct Operations {
     pub coordinator: Arc<Coordinator>,
     pub events: Events,
     pub ingest: Arc<gateway::server::IngestState>,
+    /// Wakes the catalogue follower (each heartbeat of a scale-out process server does).
+    pub follow_wake: Arc<tokio::sync::Notify>,
+    /// The machine flags heartbeats carry to and from scale-out process servers.
+    pub flags: gateway::process_servers::FlagRelay,
     /// The replication address agents use (this appliance's process server).
     pub replication_address: String,
 }
@@ -251,8 +255,18 @@ async fn ask_bookmark(
 ) -> ApiResult<BookmarkAsked> {
     authorize(&s, &headers)?;
     let o = ops(&s)?;
-    if s.reader.as_ref().is_none_or(|r| r.disks(&machine).is_empty()) {
+    let disks = s.reader.as_ref().map(|r| r.disks(&machine)).unwrap_or_default();
+    if disks.is_empty() {
         return Err(error(StatusCode::NOT_FOUND, format!("unknown machine {machine:?}")));
+    }
+    if let Some(d) = disks.iter().find(|d| d.is_followed()) {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "{machine:?} replicates to process server {:?}: its agent takes app-consistent points there (on that server's schedule, or `lifeboat agent bookmark` against it)",
+                d.followed_from
+            ),
+        ));
     }
     let ask: AskBody = if body.is_empty() {
         AskBody::default()
@@ -314,7 +328,13 @@ async fn process_servers(
                 .map(|(m, _)| m.clone())
                 .collect()
         };
-        let mut machines: Vec<String> = j.disks().into_iter().map(|d| d.machine).collect();
+        // Followed disks are written by a scale-out process server, not here.
+        let mut machines: Vec<String> = j
+            .disks()
+            .into_iter()
+            .filter(|d| !d.is_followed())
+            .map(|d| d.machine)
+            .collect();
         machines.sort();
         machines.dedup();
         let now = lifeboat_fs::pit::now_ms();
@@ -385,15 +405,24 @@ async fn process_server_heartbeat(
     let token = gateway::server::bearer_token(&headers).unwrap_or_default().to_string();
     let hb: Heartbeat =
         serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("heartbeat body: {e}")))?;
-    let ingest = ops(&s)?.ingest.clone();
-    off_reactor(move || {
-        ingest
+    let o = ops(&s)?;
+    let ingest = o.ingest.clone();
+    let ops = s.operations.clone().expect("checked above");
+    let answer = off_reactor(move || {
+        let reported = hb.resync_required.clone();
+        let mut answer = ingest
             .process_servers
             .heartbeat(&name, &token, hb)
-            .map_err(process_server_error)
+            .map_err(process_server_error)?;
+        ops.flags
+            .exchange(&ops.coordinator, &name, &reported, &mut answer)
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(answer)
     })
-    .await
-    .map(Json)
+    .await?;
+    // Its machines' logs may have moved on: the follower looks now.
+    o.follow_wake.notify_one();
+    Ok(Json(answer))
 }
 
 async fn assign_process_server(
@@ -490,7 +519,7 @@ pub fn openapi() -> (serde_json::Value, serde_json::Value) {
             "responses": {"202": {"description": "marked"}, "404": e("unknown machine")}}},
         "/api/machines/{machine}/bookmark": {"post": {"summary": "ask the machine's agent (its group's agents) for an app-consistent point now", "parameters": [name("machine")],
             "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"label": {"type": "string"}}}}}},
-            "responses": {"200": one("asked", "BookmarkAsked"), "404": e("unknown machine")}}},
+            "responses": {"200": one("asked", "BookmarkAsked"), "404": e("unknown machine"), "409": e("the machine replicates to a scale-out process server")}}},
         "/api/groups": {"get": {"summary": "replication groups", "responses": {"200": many("groups", "NamedGroup")}}},
         "/api/groups/{name}": {
             "put": {"summary": "create or replace a replication group", "parameters": [name("name")], "requestBody": body("Group"),
@@ -530,8 +559,11 @@ pub fn openapi() -> (serde_json::Value, serde_json::Value) {
             "version": str_, "passphrase": str_, "heartbeat_interval_ms": int}},
         "ProcessServerToken": {"type": "object", "properties": {"name": str_, "token": str_}},
         "Heartbeat": {"type": "object", "required": ["cache_used_bytes", "cache_limit_bytes", "machines"], "properties": {
-            "cache_used_bytes": int, "cache_limit_bytes": int, "machines": strings, "version": str_}},
-        "HeartbeatAnswer": {"type": "object", "properties": {"assigned": strings}},
+            "cache_used_bytes": int, "cache_limit_bytes": int, "machines": strings, "version": str_,
+            "resync_required": {"type": "object", "additionalProperties": str_, "description": "its machines that must resynchronise, with the reason"}}},
+        "HeartbeatAnswer": {"type": "object", "properties": {"assigned": strings,
+            "stopped": {"type": "object", "additionalProperties": str_, "description": "assigned machines whose replication is stopped (failed over), with the reason"},
+            "resync": {"type": "object", "additionalProperties": str_, "description": "assigned machines to mark resync-required, with the reason"}}},
         "ProcessServerAssignment": {"type": "object", "required": ["process_server"], "properties": {"machine": str_, "process_server": str_}},
         "BookmarkAsked": {"type": "object", "properties": {"machine": str_, "request": int}},
         "Group": {"type": "object", "required": ["machines"], "properties": {"machines": strings, "policy": {"type": "string", "default": "default"}}},

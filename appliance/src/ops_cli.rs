@@ -250,8 +250,8 @@ pub async fn machines(cmd: MachinesCommand) -> anyhow::Result<()> {
                 return Ok(());
             };
             println!(
-                "{:<20} {:<14} {:<12} {:<12} {:>8}  disks",
-                "MACHINE", "STATE", "POLICY", "GROUP", "POINT"
+                "{:<20} {:<14} {:<12} {:<12} {:<12} {:>8}  disks",
+                "MACHINE", "STATE", "POLICY", "GROUP", "PROC.SERVER", "POINT"
             );
             for m in list {
                 let disks: Vec<String> = m
@@ -260,11 +260,16 @@ pub async fn machines(cmd: MachinesCommand) -> anyhow::Result<()> {
                     .map(|d| format!("{} ({})", d.disk, bytesize::ByteSize(d.size)))
                     .collect();
                 println!(
-                    "{:<20} {:<14} {:<12} {:<12} {:>8}  {}",
+                    "{:<20} {:<14} {:<12} {:<12} {:<12} {:>8}  {}",
                     m.machine,
                     m.state,
                     m.policy,
                     if m.group.is_empty() { "-" } else { &m.group },
+                    if m.process_server.is_empty() {
+                        gateway::process_servers::LOCAL
+                    } else {
+                        &m.process_server
+                    },
                     m.latest_point.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                     disks.join(", ")
                 );

@@ -2,13 +2,17 @@
 //! server (`[config_server]` in the config) using the passphrase, then send a heartbeat with the
 //! cache fill and the machines replicated here on every interval, registering again whenever
 //! the config server no longer knows the token (it was restarted from an older state, say).
+//! The answer carries the config server's flags for the machines assigned here ("replication
+//! stopped" after a failover, "resync required"); they are applied to this process server's
+//! coordinator, so an agent here gets the refusals it would get on the config server.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use gateway::consistency::Coordinator;
 use gateway::journal::Journal;
-use gateway::process_servers::{Heartbeat, HeartbeatAnswer, Registration};
+use gateway::process_servers::{apply_flags, Heartbeat, HeartbeatAnswer, Registration};
 use tokio::sync::watch;
 
 use crate::config::Resolved;
@@ -21,11 +25,20 @@ pub struct Link {
     registration: Registration,
     interval: Duration,
     journal: Journal,
+    coordinator: Arc<Coordinator>,
+    /// The machines the config server last said are assigned here.
+    assigned: std::sync::Mutex<Vec<String>>,
 }
 
 impl Link {
     /// Prepares the link from the config; `replication` is the bound replication address.
-    pub fn new(cfg: &Resolved, replication: &str, passphrase: &str, journal: Journal) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        cfg: &Resolved,
+        replication: &str,
+        passphrase: &str,
+        journal: Journal,
+        coordinator: Arc<Coordinator>,
+    ) -> anyhow::Result<Arc<Self>> {
         let cs = &cfg.raw.config_server;
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
@@ -69,7 +82,15 @@ impl Link {
             },
             interval,
             journal,
+            coordinator,
+            assigned: std::sync::Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Whether the config server's last answer assigned `machine` here (false before the first
+    /// answer): retention rolls up only the logs this process server writes now.
+    pub fn serves(&self, machine: &str) -> bool {
+        self.assigned.lock().expect("lock").iter().any(|m| m == machine)
     }
 
     async fn register(&self) -> anyhow::Result<String> {
@@ -94,11 +115,20 @@ impl Link {
         let mut machines: Vec<String> = self.journal.disks().into_iter().map(|d| d.machine).collect();
         machines.sort();
         machines.dedup();
+        // Flags of assigned machines with no disk here yet count too: the config server sends a
+        // resync request until it is reported.
+        let assigned = self.assigned.lock().expect("lock").clone();
+        let resync_required = machines
+            .iter()
+            .chain(&assigned)
+            .filter_map(|m| self.coordinator.resync_required(m).map(|why| (m.clone(), why)))
+            .collect();
         Heartbeat {
             cache_used_bytes: self.journal.cache_used(),
             cache_limit_bytes: self.journal.state.max_bytes,
             machines,
             version: env!("CARGO_PKG_VERSION").into(),
+            resync_required,
         }
     }
 
@@ -151,6 +181,15 @@ impl Link {
                     match self.heartbeat(t).await {
                         Ok(Some(answer)) => {
                             tracing::debug!(assigned = ?answer.assigned, "heartbeat sent");
+                            self.assigned.lock().expect("lock").clone_from(&answer.assigned);
+                            let co = self.coordinator.clone();
+                            match tokio::task::spawn_blocking(move || apply_flags(&co, &answer)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => {
+                                    tracing::warn!(error = %e, "cannot apply the config server's machine flags")
+                                }
+                                Err(e) => tracing::warn!(error = %e, "cannot apply the config server's machine flags"),
+                            }
                         }
                         Ok(None) => {
                             tracing::warn!("the config server no longer knows this process server: registering again");

@@ -22,6 +22,10 @@ async fn until_shutdown(mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// How long a scale-out process server keeps the objects a roll-up replaced: the config
+/// server's catalogue follower (every 2 s) switches to the new base image well within it.
+const SCALE_OUT_DELETE_AFTER: Duration = Duration::from_secs(60);
+
 async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -42,6 +46,7 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
     let roles = &cfg.raw.roles;
     let mut tasks = Vec::new();
     let mut process = None;
+    let mut link = None;
     let mut ready = serde_json::Map::new();
     if roles.iter().any(|r| r == "process") {
         let ps_cfg = ProcessServerConfig {
@@ -83,31 +88,69 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
                 .and_then(|v| v.as_str())
                 .unwrap_or_default()
                 .to_string();
-            let link = crate::scaleout::Link::new(&cfg, &replication, &passphrase, ps.journal.clone())?;
-            tasks.push(tokio::spawn(link.run(shutdown.clone())));
+            let l = crate::scaleout::Link::new(
+                &cfg,
+                &replication,
+                &passphrase,
+                ps.journal.clone(),
+                ps.coordinator.clone(),
+            )?;
+            tasks.push(tokio::spawn(l.clone().run(shutdown.clone())));
+            link = Some(l);
         }
         process = Some(ps);
     }
-    // The master target reads what this appliance's process server catalogued.
-    let reader = match (&process, roles.iter().any(|r| r == "master-target")) {
-        (Some(ps), true) => Some(lifeboat_fs::pit::Reader::new(
+    // The catalogue of what this appliance's process server wrote; the master target reads it.
+    let catalogue = process.as_ref().map(|ps| {
+        lifeboat_fs::pit::Reader::new(
             ps.journal.clone(),
             ps.blob.store.clone(),
             ps.kek.clone(),
             cfg.chunk_cache_bytes,
-        )),
-        _ => None,
-    };
-    if let (Some(reader), Some(ps)) = (&reader, &process) {
-        // Retention runs where the catalogue is: a tenth of the retention window, 1 s to 1 min.
+        )
+    });
+    if let (Some(catalogue), Some(ps)) = (&catalogue, &process) {
+        // Retention runs where a disk's log is written (it reserves nonce counters from that
+        // journal): on every process server, for its own disks; a tenth of the retention
+        // window, 1 s to 1 min.
         let every = (cfg.policy.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let retention = lifeboat_fs::retention::Retention::new(
-            reader.clone(),
+        let mut retention = lifeboat_fs::retention::Retention::new(
+            catalogue.clone(),
             ps.blob.clone(),
             ps.kek.clone(),
             ps.policies.clone(),
         );
+        // Only the machines whose log this process server writes now: a machine moved to
+        // another one keeps its disks in this journal.
+        match &link {
+            Some(link) => {
+                let link = link.clone();
+                retention = retention
+                    .only_for(move |m| link.serves(m))
+                    // The config server's follower reads these objects until it has switched too.
+                    .delete_rolled_after(SCALE_OUT_DELETE_AFTER);
+            }
+            None => {
+                let registry = ps.ingest.process_servers.clone();
+                retention = retention.only_for(move |m| matches!(registry.assigned_to(m), Ok(None)));
+            }
+        }
         tasks.push(tokio::spawn(retention.run(every, shutdown.clone())));
+    }
+    let reader = catalogue.filter(|_| roles.iter().any(|r| r == "master-target"));
+    // The config server follows the logs of machines on scale-out process servers into its
+    // catalogue; each heartbeat wakes it.
+    let follow_wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    if let (Some(reader), Some(ps), true) = (&reader, &process, roles.iter().any(|r| r == "config")) {
+        let follower = lifeboat_fs::follow::Follower::new(
+            reader.clone(),
+            ps.kek.clone(),
+            ps.ingest.process_servers.clone(),
+            follow_wake.clone(),
+        );
+        tasks.push(tokio::spawn(
+            follower.run(lifeboat_fs::follow::FOLLOW_INTERVAL, shutdown.clone()),
+        ));
     }
     let exports = reader
         .as_ref()
@@ -130,6 +173,8 @@ pub async fn run(cfg: Resolved, json: bool) -> anyhow::Result<()> {
                 coordinator: ps.coordinator.clone(),
                 events: ps.events.clone(),
                 ingest: ps.ingest.clone(),
+                follow_wake: follow_wake.clone(),
+                flags: Default::default(),
                 replication_address: ready
                     .get("replication")
                     .and_then(|v| v.as_str())

@@ -6,6 +6,11 @@
 //! `WriteBatch`, (4) the rolled-up segments and the old parts are deleted. Until (2) readers and
 //! rebuilds use the old objects; after it, leftovers of an interrupted run are swept next time.
 //! A point's own record stays in the log, so `index rebuild` still finds every retained point.
+//!
+//! Retention runs where a disk's log is written (it reserves nonce counters from that journal):
+//! on every process server, for its own disks; a disk the config server only follows is left to
+//! its process server. There, (4) waits [`Retention::delete_rolled_after`] so that the config
+//! server's follower switches to the new base before the objects it still reads go.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +43,12 @@ pub struct Retention {
     kek: gateway::crypto::Key,
     /// Each machine keeps its points for its policy's retention.
     policies: gateway::policy::Policies,
+    /// How long rolled-up objects stay after the switch (zero: deleted at once).
+    delete_after: Duration,
+    /// When this process switched each disk's base, for `delete_after`.
+    switched: std::sync::Mutex<HashMap<u32, std::time::Instant>>,
+    /// Which machines this process server replicates now (see [`Retention::only_for`]).
+    serves: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
 /// Crash tests: `LIFEBOAT_FAILPOINT=NAME` aborts the process (like kill -9) when a roll-up reaches
@@ -65,7 +76,26 @@ impl Retention {
             blob,
             kek,
             policies,
+            delete_after: Duration::ZERO,
+            switched: std::sync::Mutex::new(HashMap::new()),
+            serves: Arc::new(|_| true),
         }
+    }
+
+    /// Keeps to the machines `serves` names (it may read RocksDB: it is called on a blocking
+    /// thread). A machine moved to another process server keeps its disks in this journal, but
+    /// its log is that server's now: rolling it up here would race with its new writer.
+    pub fn only_for(mut self, serves: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.serves = Arc::new(serves);
+        self
+    }
+
+    /// Keeps the objects a roll-up replaced for `delay` after the switch, then a later pass
+    /// deletes them: another appliance that follows this log (the config server's catalogue
+    /// follower) reads them until it has switched too. A restart forgets the wait.
+    pub fn delete_rolled_after(mut self, delay: Duration) -> Self {
+        self.delete_after = delay;
+        self
     }
 
     /// Runs a pass every `every` until `shutdown` turns true.
@@ -91,13 +121,22 @@ impl Retention {
     /// One pass over every machine.
     pub async fn pass(&self) -> anyhow::Result<RetentionOutcome> {
         let mut out = RetentionOutcome::default();
-        for machine in self.reader.machines() {
+        let (mut machines, serves) = (self.reader.machines(), self.serves.clone());
+        let machines = tokio::task::spawn_blocking(move || {
+            machines.retain(|m| serves(m));
+            machines
+        })
+        .await?;
+        for machine in machines {
             self.machine(&machine, &mut out).await?;
         }
         Ok(out)
     }
 
     async fn machine(&self, machine: &str, out: &mut RetentionOutcome) -> anyhow::Result<()> {
+        if self.reader.disks(machine).iter().any(|d| d.is_followed()) {
+            return Ok(()); // its own process server keeps its points and base images
+        }
         let journal = self.reader.journal().clone();
         let m = machine.to_owned();
         let points = tokio::task::spawn_blocking(move || journal.points(&m)).await??;
@@ -162,8 +201,7 @@ impl Retention {
             .filter(|(sid, e)| sid & catalog::BASE_ID == 0 && e.last_seq < keep_from && e.last_seq > base.through_seq)
             .collect();
         let Some(through) = rolled.iter().map(|(_, e)| e.last_seq).max() else {
-            self.sweep(disk, base, out).await?;
-            return Ok(true);
+            return self.sweep(disk, base, out).await;
         };
         if self.reader.oldest_open_view(disk.id).is_some_and(|s| s < through) {
             tracing::debug!(machine = %disk.machine, disk = %disk.disk, "roll-up waits for an open view of an old point");
@@ -200,11 +238,7 @@ impl Retention {
         // The catalogue switch is built along the way and written in one batch at (3): first the
         // old versions out, then each part's extents in as the part lands.
         let mut wb = rocksdb::WriteBatch::default();
-        for (block, seqs) in &blocks {
-            for seq in seqs {
-                catalog::delete_extent(&db, &mut wb, id, *block, *seq);
-            }
-        }
+        catalog::drop_extents(&db, &mut wb, id, &blocks);
         let mut parts: Vec<String> = Vec::new();
         let mut pending: Vec<LogRecord> = Vec::new();
         let mut pending_bytes = 0usize;
@@ -264,13 +298,11 @@ impl Retention {
         {
             let db = db.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                for sid in rolled_ids.iter().chain(&old_parts) {
-                    catalog::delete_segment(&db, &mut wb, id, *sid);
-                }
-                catalog::put_base_state(
+                catalog::switch_base(
                     &db,
                     &mut wb,
                     id,
+                    rolled_ids.into_iter().chain(old_parts),
                     BaseState {
                         generation,
                         through_seq: through,
@@ -287,7 +319,14 @@ impl Retention {
         failpoint("retention-after-catalogue");
         out.segments_rolled += rolled_paths.len();
         tracing::info!(machine = %disk.machine, disk = %disk.disk, through, generation, parts = parts.len(), rolled = rolled_paths.len(), "log rolled into the base image");
-        // (4) What nothing needs any more.
+        // (4) What nothing needs any more (or, with a delay, what a later sweep deletes).
+        if !self.delete_after.is_zero() {
+            self.switched
+                .lock()
+                .expect("lock")
+                .insert(disk.id, std::time::Instant::now());
+            return Ok(false);
+        }
         for p in rolled_paths.iter().chain(&old_paths) {
             if self.blob.store.delete(&Path::from(p.as_str())).await.is_ok() {
                 out.objects_deleted += 1;
@@ -301,8 +340,7 @@ impl Retention {
             },
             out,
         )
-        .await?;
-        Ok(true)
+        .await
     }
 
     /// Seals and puts one base part under a freshly reserved counter.
@@ -335,10 +373,19 @@ impl Retention {
     }
 
     /// Deletes objects an interrupted roll-up left behind: base parts of other generations and
-    /// log segments the base already holds.
-    async fn sweep(&self, disk: &DiskMeta, base: BaseState, out: &mut RetentionOutcome) -> anyhow::Result<()> {
+    /// log segments the base already holds. Returns false while [`Retention::delete_rolled_after`] holds the deletes back.
+    async fn sweep(&self, disk: &DiskMeta, base: BaseState, out: &mut RetentionOutcome) -> anyhow::Result<bool> {
         if base.generation == 0 {
-            return Ok(());
+            return Ok(true);
+        }
+        let waiting = self
+            .switched
+            .lock()
+            .expect("lock")
+            .get(&disk.id)
+            .is_some_and(|at| at.elapsed() < self.delete_after);
+        if waiting {
+            return Ok(false);
         }
         let store = self.blob.store.as_ref();
         let current: HashMap<String, ()> = blob::get_base_manifest(store, &disk.machine, &disk.disk)
@@ -350,7 +397,7 @@ impl Retention {
             // The manifest is not (yet) the catalogue's generation: touch nothing.
             let m = blob::get_base_manifest(store, &disk.machine, &disk.disk).await?;
             if m.map(|m| m.generation) != Some(base.generation) {
-                return Ok(());
+                return Ok(true);
             }
         }
         let parts: Vec<_> = store
@@ -367,6 +414,6 @@ impl Retention {
                 out.objects_deleted += 1;
             }
         }
-        Ok(())
+        Ok(true)
     }
 }

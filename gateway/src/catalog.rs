@@ -109,6 +109,49 @@ pub fn delete_extent(db: &DB, wb: &mut WriteBatch, disk_id: u32, block: u64, seq
     wb.delete_cf(exts, extent_key(disk_id, block, seq));
 }
 
+/// A switch to a new base image, first half: every extent version of the disk at or before the
+/// base's `through_seq` out (`blocks` as [`extents_through`] lists them). The new base parts'
+/// extents are indexed after this, into the same batch, so a version at exactly `through_seq`
+/// ends up being the base's.
+pub fn drop_extents(db: &DB, wb: &mut WriteBatch, disk_id: u32, blocks: &[(u64, Vec<u64>)]) {
+    for (block, seqs) in blocks {
+        for seq in seqs {
+            delete_extent(db, wb, disk_id, *block, *seq);
+        }
+    }
+}
+
+/// A switch to a new base image, second half: the segment entries it replaces out (`removed`:
+/// the log segments it covers and the previous generation's parts) and the new state in. The
+/// whole switch is one `WriteBatch`, so readers see the old catalogue or the new one.
+pub fn switch_base(
+    db: &DB,
+    wb: &mut WriteBatch,
+    disk_id: u32,
+    removed: impl IntoIterator<Item = u64>,
+    state: BaseState,
+) {
+    for id in removed {
+        delete_segment(db, wb, disk_id, id);
+    }
+    put_base_state(db, wb, disk_id, state);
+}
+
+/// Removes every catalogue entry of a disk (segments, base state, extents), synced: before its
+/// catalogue is made again from blob storage.
+pub fn clear_disk(db: &DB, disk_id: u32) -> Result<(), rocksdb::Error> {
+    let from = disk_id.to_be_bytes().to_vec();
+    let mut to = from.clone();
+    to.extend([0xff; 17]); // past every 12-byte segment key and 20-byte extent key of the disk
+    let mut wb = WriteBatch::default();
+    for cf in [CF_SEGMENTS, CF_EXTENTS] {
+        wb.delete_range_cf(db.cf_handle(cf).expect("catalogue cf"), &from, &to);
+    }
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    db.write_opt(wb, &wo)
+}
+
 #[derive(Debug, Error)]
 pub enum CatalogError {
     #[error("catalogue database: {0}")]

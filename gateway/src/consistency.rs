@@ -299,6 +299,18 @@ impl Coordinator {
         if let Some(why) = self.replication_stopped(machine) {
             return Err(BookmarkError::Stopped(format!("{machine}: {why}")));
         }
+        if let Some(d) = self
+            .journal
+            .disks()
+            .into_iter()
+            .find(|d| d.machine == machine && d.is_followed())
+        {
+            return Err(BookmarkError::Journal(JournalError::Followed {
+                machine: machine.into(),
+                disk: d.disk,
+                process_server: d.followed_from,
+            }));
+        }
         let unit = self.unit_of(machine).await?;
         let group = match &unit {
             Unit::Machine(_) => {
@@ -321,7 +333,7 @@ impl Coordinator {
             .map_err(|e| BookmarkError::Store(e.to_string()))?
             .map(|g| g.machines)
             .unwrap_or_default();
-        let disks = self.journal.disks();
+        let disks = self.ingested_disks();
         let with_disks: Vec<String> = members
             .into_iter()
             .filter(|m| disks.iter().any(|d| &d.machine == m))
@@ -404,10 +416,18 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The disks this appliance's process server writes: a followed disk's points are cut by the
+    /// process server that writes its log.
+    fn ingested_disks(&self) -> Vec<journal::DiskMeta> {
+        let mut disks = self.journal.disks();
+        disks.retain(|d| !d.is_followed());
+        disks
+    }
+
     /// The units to schedule now: every group, and every machine with disks in no group.
     async fn units(&self) -> Result<Vec<(Unit, Vec<String>, crate::policy::Settings)>, BookmarkError> {
         let machines: Vec<String> = {
-            let mut m: Vec<String> = self.journal.disks().into_iter().map(|d| d.machine).collect();
+            let mut m: Vec<String> = self.ingested_disks().into_iter().map(|d| d.machine).collect();
             m.sort();
             m.dedup();
             m

@@ -69,6 +69,12 @@ pub enum JournalError {
         len: u64,
         size: u64,
     },
+    #[error("{machine}/{disk} replicates to process server {process_server:?}; this catalogue only follows its log (assign the machine back and run `lifeboat index rebuild` to adopt it)")]
+    Followed {
+        machine: String,
+        disk: String,
+        process_server: String,
+    },
     #[error("corrupt journal entry: {0}")]
     Corrupt(String),
     #[error("the journal writer has stopped")]
@@ -90,6 +96,18 @@ pub struct DiskMeta {
     pub uploaded_through: u64,
     /// Next segment counter (nonce prefix) to hand out.
     pub next_counter: u64,
+    /// Empty: this appliance's process server writes the disk's log. Otherwise the scale-out
+    /// process server that does: the config server only follows that log into its catalogue
+    /// (`next_seq - 1 == uploaded_through` is how far), never ingests, segments or rolls it up.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub followed_from: String,
+}
+
+impl DiskMeta {
+    /// Whether another process server writes this disk's log (see [`DiskMeta::followed_from`]).
+    pub fn is_followed(&self) -> bool {
+        !self.followed_from.is_empty()
+    }
 }
 
 /// A segment upload in progress: persisted before the put so a restart re-uploads the very same
@@ -244,6 +262,10 @@ enum Command {
         label: String,
         reply: oneshot::Sender<Result<GroupPointAck, JournalError>>,
     },
+    PutFollowed {
+        disk: DiskMeta,
+        reply: oneshot::Sender<Result<DiskMeta, JournalError>>,
+    },
 }
 
 /// Shared, read-mostly state; only the writer thread mutates it.
@@ -317,7 +339,8 @@ fn batch_key(machine: &str, session: u64, batch: u64) -> Vec<u8> {
     format!("batch/{machine}/{session:016x}/{batch:016x}").into_bytes()
 }
 
-fn point_key(machine: &str, id: u64) -> Vec<u8> {
+/// The `meta` key of a recovery point (the catalogue follower writes followed machines' points).
+pub fn point_key(machine: &str, id: u64) -> Vec<u8> {
     format!("point/{machine}/{id:016x}").into_bytes()
 }
 
@@ -515,6 +538,13 @@ impl Journal {
             reply,
         })
         .await
+    }
+
+    /// Stores a followed disk's record (see [`DiskMeta::followed_from`]) through the writer, so
+    /// it never races with ingest: `id` 0 gives a new disk the next id. Refused for a disk this
+    /// appliance's own process server writes.
+    pub async fn put_followed_disk(&self, disk: DiskMeta) -> Result<DiskMeta, JournalError> {
+        self.call(|reply| Command::PutFollowed { disk, reply }).await
     }
 
     pub async fn plan_segment(&self, disk_id: u32, first_seq: u64, last_seq: u64) -> Result<SegmentPlan, JournalError> {
@@ -1003,6 +1033,10 @@ impl Writer {
                     committed_any |= r.is_ok();
                     replies.push(deferred_reply(reply, r));
                 }
+                Command::PutFollowed { disk, reply } => {
+                    let r = self.put_followed(&mut g, disk);
+                    replies.push(deferred_reply(reply, r));
+                }
                 Command::AddToken { hash, machine, reply } => {
                     g.wb.put_cf(meta, token_key(&hash), machine.as_bytes());
                     replies.push(deferred_reply(reply, Ok(())));
@@ -1103,10 +1137,15 @@ impl Writer {
             .read()
             .expect("lock")
             .values()
-            .filter(|d| d.machine == machine)
+            .filter(|d| d.machine == machine && !d.is_followed())
             .map(|d| d.id)
             .collect();
-        ids.extend(g.disks.values().filter(|d| d.machine == machine).map(|d| d.id));
+        ids.extend(
+            g.disks
+                .values()
+                .filter(|d| d.machine == machine && !d.is_followed())
+                .map(|d| d.id),
+        );
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -1155,7 +1194,15 @@ impl Writer {
                     machine: machine.into(),
                     disk: r.disk.clone(),
                 })?;
-            let size = self.disk_mut(g, id).expect("disk").size;
+            let d = self.disk_mut(g, id).expect("disk");
+            if d.is_followed() {
+                return Err(JournalError::Followed {
+                    machine: machine.into(),
+                    disk: r.disk.clone(),
+                    process_server: d.followed_from.clone(),
+                });
+            }
+            let size = d.size;
             if r.offset + r.len as u64 > size {
                 return Err(JournalError::OutOfRange {
                     machine: machine.into(),
@@ -1321,17 +1368,19 @@ impl Writer {
         size: u64,
         key_id: u32,
     ) -> Result<DiskMeta, JournalError> {
-        let meta = self.db.cf_handle(CF_META).expect("meta cf");
         if let Some(id) = self.find_disk(g, machine, disk) {
             let d = self.disk_mut(g, id).expect("disk");
+            if d.is_followed() {
+                return Err(JournalError::Followed {
+                    machine: machine.into(),
+                    disk: disk.into(),
+                    process_server: d.followed_from.clone(),
+                });
+            }
             d.size = size;
             return Ok(d.clone());
         }
-        let used_max = g.disks.keys().max().copied().unwrap_or(0);
-        let id = (u64_value(g.db.get_cf(meta, NEXT_DISK_KEY)?) as u32)
-            .max(used_max + 1)
-            .max(1);
-        g.wb.put_cf(meta, NEXT_DISK_KEY, ((id + 1) as u64).to_be_bytes());
+        let id = self.new_disk_id(g)?;
         let d = DiskMeta {
             id,
             machine: machine.into(),
@@ -1341,9 +1390,38 @@ impl Writer {
             next_seq: 1,
             uploaded_through: 0,
             next_counter: 1,
+            followed_from: String::new(),
         };
         g.disks.insert(id, d.clone());
         Ok(d)
+    }
+
+    /// Takes the next disk id.
+    fn new_disk_id(&self, g: &mut Group) -> Result<u32, JournalError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let used_max = g.disks.keys().max().copied().unwrap_or(0);
+        let id = (u64_value(g.db.get_cf(meta, NEXT_DISK_KEY)?) as u32)
+            .max(used_max + 1)
+            .max(1);
+        g.wb.put_cf(meta, NEXT_DISK_KEY, ((id + 1) as u64).to_be_bytes());
+        Ok(id)
+    }
+
+    fn put_followed(&self, g: &mut Group, mut disk: DiskMeta) -> Result<DiskMeta, JournalError> {
+        let refuse =
+            |why: &str| JournalError::Corrupt(format!("{}/{} cannot be followed: {why}", disk.machine, disk.disk));
+        if !disk.is_followed() {
+            return Err(refuse("the record names no process server"));
+        }
+        disk.id = match self.find_disk(g, &disk.machine, &disk.disk) {
+            Some(id) if !self.disk_mut(g, id).expect("disk").is_followed() => {
+                return Err(refuse("this appliance's process server writes its log"))
+            }
+            Some(id) => id,
+            None => self.new_disk_id(g)?,
+        };
+        g.disks.insert(disk.id, disk.clone());
+        Ok(disk)
     }
 
     fn plan(&self, g: &mut Group, disk_id: u32, first_seq: u64, last_seq: u64) -> Result<SegmentPlan, JournalError> {
@@ -1490,6 +1568,56 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, JournalError::OutOfRange { .. }));
         assert_eq!(j.disk("m", "disk0").unwrap().next_seq, 1);
+    }
+
+    /// A disk another process server writes is only followed: never written here, never
+    /// replaced by a followed record once it is this appliance's, and older records (without
+    /// the field) still read as this appliance's own.
+    #[tokio::test]
+    async fn a_followed_disk_takes_no_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let followed = |id, next_seq| DiskMeta {
+            id,
+            machine: "m2".into(),
+            disk: "disk0".into(),
+            size: 1 << 20,
+            key_id: 0,
+            next_seq,
+            uploaded_through: next_seq - 1,
+            next_counter: 0,
+            followed_from: "ps2".into(),
+        };
+        let (local, f) = {
+            let j = Journal::open(dir.path(), 1 << 30).unwrap();
+            let local = j.register_disk("m1", "disk0", 1 << 20, 1).await.unwrap();
+            let f = j.put_followed_disk(followed(0, 5)).await.unwrap();
+            assert!(f.id > local.id && f.is_followed());
+            let again = j.put_followed_disk(followed(0, 9)).await.unwrap();
+            assert_eq!((again.id, again.next_seq), (f.id, 9), "the same disk, moved on");
+            let e = j.commit("m2", 1, 1, vec![write("disk0", 0, b"x")]).await.unwrap_err();
+            assert!(matches!(e, JournalError::Followed { .. }), "{e}");
+            let e = j.register_disk("m2", "disk0", 1 << 20, 1).await.unwrap_err();
+            assert!(matches!(e, JournalError::Followed { .. }), "{e}");
+            let mut owned = followed(0, 1);
+            owned.machine = "m1".into();
+            assert!(j.put_followed_disk(owned).await.is_err(), "m1/disk0 is written here");
+            (local, f)
+        };
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(
+            j.disk("m2", "disk0").unwrap(),
+            DiskMeta {
+                next_seq: 9,
+                uploaded_through: 8,
+                ..f
+            }
+        );
+        assert_eq!(j.disk("m1", "disk0").unwrap(), local);
+        assert!(!serde_json::to_string(&local).unwrap().contains("followed_from"));
+        let old = r#"{"id":1,"machine":"m","disk":"d","size":1,"key_id":1,"next_seq":1,"uploaded_through":0,"next_counter":1}"#;
+        assert!(!serde_json::from_str::<DiskMeta>(old).unwrap().is_followed());
+        let next = j.register_disk("m3", "disk0", 1 << 20, 1).await.unwrap();
+        assert!(next.id > f.id, "ids are never given twice");
     }
 
     #[tokio::test]

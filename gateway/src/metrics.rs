@@ -306,7 +306,8 @@ impl GatewayMetrics {
         // One refresh at a time: the ticker and a scrape may race.
         let mut states = self.disks.lock().expect("lock");
         let mut pending_disks = 0;
-        for d in &disks {
+        // A followed disk's RPO is its own process server's to report (see `DiskMeta::followed_from`).
+        for d in disks.iter().filter(|d| !d.is_followed()) {
             let labels = [d.machine.as_str(), d.disk.as_str()];
             let pending = (d.next_seq - 1).saturating_sub(d.uploaded_through);
             self.pending_records.with_label_values(&labels).set(pending as i64);

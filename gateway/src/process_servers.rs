@@ -2,8 +2,13 @@
 //! appliance passphrase, gets its own token and reports its cache and machines in heartbeats;
 //! machines can be assigned to one, and this appliance's process server then redirects their
 //! agents there. Records and assignments are kept in RocksDB (`meta` column family).
+//!
+//! Each heartbeat also carries the assigned machines' flags both ways ([`FlagRelay`]): the
+//! config server's "replication stopped" (failover) and "resync required" go to the process
+//! server that replicates the machine, and that server's own "resync required" comes back.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use rand::RngCore;
 use rocksdb::DB;
@@ -40,12 +45,101 @@ pub struct Heartbeat {
     pub machines: Vec<String>,
     #[serde(default)]
     pub version: String,
+    /// Its machines that must resynchronise, with the reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resync_required: BTreeMap<String, String>,
 }
 
-/// The config server's answer to a heartbeat: the machines assigned to that process server.
+/// The config server's answer to a heartbeat: the machines assigned to that process server, and
+/// the flags the config server holds for them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct HeartbeatAnswer {
     pub assigned: Vec<String>,
+    /// Assigned machines whose replication is stopped (failed over), with the reason: their
+    /// agents are refused there as they would be here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stopped: BTreeMap<String, String>,
+    /// Assigned machines the config server marked resync-required and the process server has
+    /// not reported yet, with the reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resync: BTreeMap<String, String>,
+}
+
+/// The config server's side of the flags a heartbeat carries. A resync flag is mirrored: one the
+/// process server reports is set here too; one set here is sent until the process server
+/// reports it, and cleared here once it reports it no more (its agent resynchronised). Which
+/// flags were delivered is kept in memory: after a restart an undelivered-looking flag is sent
+/// again, and the agent compares its blocks once more (cheap: only differences are sent).
+#[derive(Default)]
+pub struct FlagRelay {
+    /// `(process server, machine)` whose resync flag the process server has reported.
+    delivered: Mutex<HashSet<(String, String)>>,
+}
+
+impl FlagRelay {
+    /// Exchanges the flags of `answer.assigned` with process server `name`, which reported
+    /// `reported` (its machines' resync reasons): fills `answer` and updates the flags here
+    /// (blocking: flags are written durably).
+    pub fn exchange(
+        &self,
+        coordinator: &crate::consistency::Coordinator,
+        name: &str,
+        reported: &BTreeMap<String, String>,
+        answer: &mut HeartbeatAnswer,
+    ) -> Result<(), journal::JournalError> {
+        let mut delivered = self.delivered.lock().expect("lock");
+        for m in &answer.assigned {
+            if let Some(why) = coordinator.replication_stopped(m) {
+                answer.stopped.insert(m.clone(), why);
+            }
+            let key = (name.to_string(), m.clone());
+            match (reported.get(m), coordinator.resync_required(m)) {
+                (Some(why), None) => {
+                    coordinator.require_resync(m, &format!("{why} (reported by process server {name})"))?;
+                    delivered.insert(key);
+                }
+                (Some(_), Some(_)) => {
+                    delivered.insert(key);
+                }
+                (None, Some(_)) if delivered.remove(&key) => coordinator.resync_done(m)?,
+                (None, Some(why)) => {
+                    answer.resync.insert(m.clone(), why);
+                }
+                (None, None) => {
+                    delivered.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The scale-out process server's side: applies the config server's flags for the machines
+/// assigned to it (blocking: flags are written durably). The config server is authoritative for
+/// "replication stopped" of an assigned machine: failover sets it, failback clears it.
+pub fn apply_flags(
+    coordinator: &crate::consistency::Coordinator,
+    answer: &HeartbeatAnswer,
+) -> Result<(), journal::JournalError> {
+    for m in &answer.assigned {
+        match (answer.stopped.get(m), coordinator.replication_stopped(m)) {
+            (Some(why), None) => {
+                tracing::warn!(machine = %m, reason = %why, "replication stopped by the config server");
+                coordinator.stop_replication(m, why)?;
+            }
+            (None, Some(_)) => {
+                tracing::info!(machine = %m, "replication resumed by the config server");
+                coordinator.resume_replication(m)?;
+            }
+            _ => {}
+        }
+        if let Some(why) = answer.resync.get(m) {
+            if coordinator.resync_required(m).is_none() {
+                coordinator.require_resync(m, why)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A registered process server as stored.
@@ -205,7 +299,10 @@ impl ProcessServers {
             .filter(|(_, ps)| ps == name)
             .map(|(m, _)| m)
             .collect();
-        Ok(HeartbeatAnswer { assigned })
+        Ok(HeartbeatAnswer {
+            assigned,
+            ..Default::default()
+        })
     }
 
     /// Every registered process server (not the local one), by name.
@@ -262,13 +359,20 @@ impl ProcessServers {
         Ok(out)
     }
 
+    /// The scale-out process server `machine` is assigned to, if any.
+    pub fn assigned_to(&self, machine: &str) -> Result<Option<String>, ProcessServerError> {
+        let meta = self.db.cf_handle(journal::CF_META).expect("meta cf");
+        Ok(self
+            .db
+            .get_cf(meta, assignment_key(machine))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
     /// Where `machine`'s agent must go when it is assigned to another process server.
     pub fn redirect_for(&self, machine: &str) -> Result<Option<Redirect>, ProcessServerError> {
-        let meta = self.db.cf_handle(journal::CF_META).expect("meta cf");
-        let Some(name) = self.db.get_cf(meta, assignment_key(machine))? else {
+        let Some(name) = self.assigned_to(machine)? else {
             return Ok(None);
         };
-        let name = String::from_utf8_lossy(&name).into_owned();
         let record = self
             .get(&name)?
             .ok_or_else(|| ProcessServerError::Unknown(name.clone()))?;
@@ -327,6 +431,7 @@ mod tests {
             cache_limit_bytes: 10,
             machines: vec!["m1".into()],
             version: "0.1.1".into(),
+            ..Default::default()
         };
         let answer = ps.heartbeat("ps2", &token, hb.clone()).unwrap();
         assert_eq!(answer.assigned, vec!["m1".to_string()]);
@@ -349,6 +454,70 @@ mod tests {
         // Back to the local process server.
         ps.assign("m1", LOCAL).unwrap();
         assert_eq!(ps.redirect_for("m1").unwrap(), None);
+    }
+
+    fn coordinator(dir: &std::path::Path) -> Arc<crate::consistency::Coordinator> {
+        let j = crate::journal::Journal::open(dir, 1 << 30).unwrap();
+        let policies = crate::policy::Policies::new(j.clone(), crate::policy::Policy::default());
+        let events = crate::events::Events::open(j).unwrap();
+        crate::consistency::Coordinator::new(policies, events)
+    }
+
+    /// Failover's stop and failback's resume reach the process server; a resync asked on the
+    /// config server is sent until the process server reports it, and cleared here once that
+    /// server's agent resynchronised; one the process server found itself shows here too.
+    #[test]
+    fn heartbeats_carry_the_machine_flags_both_ways() {
+        let (cs_dir, ps_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (cs, ps) = (coordinator(cs_dir.path()), coordinator(ps_dir.path()));
+        let relay = FlagRelay::default();
+        let reported = |ps: &crate::consistency::Coordinator| -> BTreeMap<String, String> {
+            ["m2", "m3"]
+                .iter()
+                .filter_map(|m| ps.resync_required(m).map(|r| (m.to_string(), r)))
+                .collect()
+        };
+        // One heartbeat round: the process server reports, the config server answers, the
+        // process server applies the answer.
+        let round = || {
+            let mut answer = HeartbeatAnswer {
+                assigned: vec!["m2".into(), "m3".into()],
+                ..Default::default()
+            };
+            relay.exchange(&cs, "ps2", &reported(&ps), &mut answer).unwrap();
+            apply_flags(&ps, &answer).unwrap();
+            answer
+        };
+        assert!(round().stopped.is_empty());
+        cs.stop_replication("m2", "failed over by job 7").unwrap();
+        assert_eq!(round().stopped["m2"], "failed over by job 7");
+        assert_eq!(ps.replication_stopped("m2").as_deref(), Some("failed over by job 7"));
+        assert_eq!(ps.replication_stopped("m3"), None);
+        cs.resume_replication("m2").unwrap();
+        round();
+        assert_eq!(ps.replication_stopped("m2"), None, "failback resumes it there too");
+
+        cs.require_resync("m2", "asked by the operator").unwrap();
+        assert_eq!(round().resync["m2"], "asked by the operator");
+        assert!(ps.resync_required("m2").is_some());
+        assert!(round().resync.is_empty(), "reported back: not sent again");
+        assert!(cs.resync_required("m2").is_some(), "still resyncing there");
+        ps.resync_done("m2").unwrap();
+        round();
+        assert_eq!(
+            cs.resync_required("m2"),
+            None,
+            "the agent resynchronised at the process server"
+        );
+        round();
+        assert_eq!(ps.resync_required("m2"), None, "and it is not asked again");
+
+        ps.require_resync("m3", "disk disk0 resized").unwrap();
+        round();
+        assert!(cs.resync_required("m3").unwrap().contains("disk disk0 resized"));
+        ps.resync_done("m3").unwrap();
+        round();
+        assert_eq!(cs.resync_required("m3"), None);
     }
 
     #[test]

@@ -8,15 +8,16 @@ use std::collections::{BTreeMap, HashMap};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::ObjectStore;
-use serde::Serialize;
+use rocksdb::{WriteBatch, DB};
+use serde::{Deserialize, Serialize};
 
 use crate::blob::{self, layout};
 use crate::catalog::{self, SegmentEntry};
 use crate::crypto::{Key, WrappedKey};
 use crate::journal::{checksum_key, point_kind_name, prepare, DiskMeta, Journal, RecoveryPoint, CF_CHECKSUMS};
 use crate::protocol::IngestRecord;
-use crate::record::RecordKind;
-use crate::replay::{list_segments, read_object, ReplayError};
+use crate::record::{LogRecord, RecordKind};
+use crate::replay::{list_segments, read_object, ReplayError, SegmentRef};
 use crate::segment::SegmentIndex;
 use crate::server::DiskDescriptor;
 
@@ -43,6 +44,49 @@ pub async fn list_disks(store: &dyn ObjectStore) -> Result<Vec<DiskDescriptor>, 
         }
     }
     out.sort_by(|a, b| (&a.machine, &a.disk).cmp(&(&b.machine, &b.disk)));
+    Ok(out)
+}
+
+/// The disks of one machine that have a `disk.json`, by name, without listing their logs.
+pub async fn machine_disks(store: &dyn ObjectStore, machine: &str) -> Result<Vec<DiskDescriptor>, ReplayError> {
+    let prefix = Path::from(format!("{}/disks", layout::machines().child(machine)));
+    let listed = store.list_with_delimiter(Some(&prefix)).await?;
+    let mut out = Vec::new();
+    for dir in listed.common_prefixes {
+        let Some(disk) = dir.filename() else { continue };
+        if let Some(d) = blob::get_json::<DiskDescriptor>(store, &descriptor_path(machine, disk)).await? {
+            out.push(d);
+        }
+    }
+    out.sort_by(|a, b| a.disk.cmp(&b.disk));
+    Ok(out)
+}
+
+/// The log segments that continue a disk's log at sequence `expected`, in order: those that end
+/// before it are skipped (rolled into the base, or left behind by an interrupted roll-up); a
+/// missing range is a [`ReplayError::Gap`].
+pub fn continuing(
+    segments: Vec<SegmentRef>,
+    mut expected: u64,
+    machine: &str,
+    disk: &str,
+) -> Result<Vec<SegmentRef>, ReplayError> {
+    let mut out = Vec::new();
+    for seg in segments {
+        if seg.last_seq < expected {
+            continue;
+        }
+        if seg.first_seq != expected {
+            return Err(ReplayError::Gap {
+                machine: machine.into(),
+                disk: disk.into(),
+                expected,
+                found: seg.first_seq,
+            });
+        }
+        expected = seg.last_seq + 1;
+        out.push(seg);
+    }
     Ok(out)
 }
 
@@ -75,6 +119,15 @@ pub async fn rebuild(
                 next_id - 1
             }
         };
+        if existing.as_ref().is_some_and(|d| d.is_followed()) {
+            // A log another process server wrote, followed here until now: its catalogue is
+            // made again whole, like a new disk's.
+            let db = journal.db().clone();
+            tokio::task::spawn_blocking(move || catalog::clear_disk(&db, disk_id))
+                .await
+                .expect("clear task")
+                .map_err(db_error)?;
+        }
         let mut keys: HashMap<u32, Key> = HashMap::new();
         let mut expected = 1u64;
         // The base image first (if retention made one), then the log after it.
@@ -95,50 +148,30 @@ pub async fn rebuild(
                 generation: base.generation,
                 through_seq: base.through_seq,
             };
-            let mut wb = rocksdb::WriteBatch::default();
+            let mut wb = WriteBatch::default();
             catalog::put_base_state(&db, &mut wb, disk_id, state);
             db.write(wb).map_err(db_error)?;
             expected = base.through_seq + 1;
         }
-        for seg in list_segments(store, machine, disk).await? {
-            if seg.last_seq < expected {
-                continue; // rolled into the base, or left behind by an interrupted roll-up
-            }
-            if seg.first_seq != expected {
-                return Err(ReplayError::Gap {
-                    machine: machine.into(),
-                    disk: disk.into(),
-                    expected,
-                    found: seg.first_seq,
-                });
-            }
+        for seg in continuing(list_segments(store, machine, disk).await?, expected, machine, disk)? {
             progress(seg.path.as_ref());
             let (index, records) = read_object(store, kek, &mut keys, machine, disk, &seg.path).await?;
             let (n, marks) =
                 index_records(journal, disk_id, seg.first_seq, &seg.path, &index, records, desc.size).await?;
-            for (id, seq, time_ms, kind, label) in marks {
-                let p = points.entry(id).or_insert_with(|| RecoveryPoint {
-                    id,
-                    machine: machine.into(),
-                    time_ms,
-                    kind: point_kind_name(kind).into(),
-                    label,
-                    seqs: BTreeMap::new(),
-                    // Group definitions live in the config server, not in blob storage; members'
-                    // points still share their ids.
-                    group: String::new(),
-                });
-                p.seqs.insert(disk.to_owned(), seq);
+            for mark in marks {
+                mark.add_to(&mut points, machine, disk);
             }
             summary.records += n;
             summary.segments += 1;
             expected = seg.last_seq + 1;
         }
         summary.disks += 1;
-        // A journal behind blob storage (restored from an older copy): adopt the log's end, so
-        // sequence numbers go on from there, under a fresh data key (the counters the lost
-        // state issued under the old key are unknown here).
-        let behind = existing.as_ref().is_some_and(|d| expected > d.next_seq);
+        // A journal behind blob storage (restored from an older copy), or a followed log another
+        // process server wrote: adopt the log's end, so sequence numbers go on from there, under
+        // a fresh data key (the counters issued under the old key are unknown here).
+        let behind = existing
+            .as_ref()
+            .is_some_and(|d| expected > d.next_seq || d.is_followed());
         if let (true, Some(d)) = (behind, &existing) {
             let key_id = blob::max_key_id(store, machine, disk).await? + 1;
             let wrapped = WrappedKey::wrap(kek, &Key::random(), machine, disk, key_id);
@@ -148,6 +181,7 @@ pub async fn rebuild(
                 next_seq: expected,
                 uploaded_through: expected - 1,
                 next_counter: 1,
+                followed_from: String::new(),
                 ..d.clone()
             });
         }
@@ -165,6 +199,7 @@ pub async fn rebuild(
                 next_seq: expected,
                 uploaded_through: expected - 1,
                 next_counter: 1,
+                followed_from: String::new(),
             });
         }
     }
@@ -188,27 +223,50 @@ fn db_error(e: rocksdb::Error) -> ReplayError {
     }
 }
 
-/// A point record found in the log: `(point id, seq, time_ms, kind, label)`.
-type PointMark = (u64, u64, u64, RecordKind, String);
+/// A point record found in a disk's log: the point's id and where it lies in this disk's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointMark {
+    pub point: u64,
+    pub seq: u64,
+    pub time_ms: u64,
+    /// The catalogue's name of the kind (`crash-consistent`, `app-consistent`).
+    pub kind: String,
+    pub label: String,
+}
 
-/// Writes one segment's catalogue entry, extents and delta-sync checksums; returns its record
-/// count and the point records it holds.
-async fn index_records(
-    journal: &Journal,
+impl PointMark {
+    /// Adds this disk's position to its point in `points` (creating the point).
+    pub fn add_to(&self, points: &mut BTreeMap<u64, RecoveryPoint>, machine: &str, disk: &str) {
+        let p = points.entry(self.point).or_insert_with(|| RecoveryPoint {
+            id: self.point,
+            machine: machine.into(),
+            time_ms: self.time_ms,
+            kind: self.kind.clone(),
+            label: self.label.clone(),
+            seqs: BTreeMap::new(),
+            // Group definitions live in the config server, not in blob storage; members'
+            // points still share their ids.
+            group: String::new(),
+        });
+        p.seqs.insert(disk.to_owned(), self.seq);
+    }
+}
+
+/// Adds one object's catalogue entry and extents to `wb` (catalogue id `id`, see
+/// [`catalog::index_segment`]) and, given the disk's size, the delta-sync checksums its records
+/// leave, replayed in sequence order so an agent's next sync sends exactly the blocks that differ
+/// from the replica. Returns the point records the object holds.
+pub fn index_object(
+    db: &DB,
+    wb: &mut WriteBatch,
     disk_id: u32,
     id: u64,
-    path: &Path,
-    index: &SegmentIndex,
-    records: Vec<crate::record::LogRecord>,
-    size: u64,
-) -> Result<(u64, Vec<PointMark>), ReplayError> {
-    let db = journal.db().clone();
-    let entry = SegmentEntry::from_index(path.as_ref(), index);
-    tokio::task::spawn_blocking(move || -> Result<_, ReplayError> {
-        let mut wb = rocksdb::WriteBatch::default();
-        catalog::index_segment(&db, &mut wb, disk_id, id, &entry, &records);
-        // The delta-sync checksums, replayed in sequence order, so the agent's next sync sends
-        // exactly the blocks that differ from the replica.
+    entry: &SegmentEntry,
+    records: &[LogRecord],
+    checksums_of_size: Option<u64>,
+) -> Vec<PointMark> {
+    catalog::index_segment(db, wb, disk_id, id, entry, records);
+    if let Some(size) = checksums_of_size {
         let sums = db.cf_handle(CF_CHECKSUMS).expect("checksums cf");
         for r in records
             .iter()
@@ -228,20 +286,37 @@ async fn index_records(
                 }
             }
         }
+    }
+    records
+        .iter()
+        .filter(|r| matches!(r.kind, RecordKind::Bookmark | RecordKind::CrashPoint))
+        .map(|r| PointMark {
+            point: r.offset,
+            seq: r.seq,
+            time_ms: r.time_ms,
+            kind: point_kind_name(r.kind).into(),
+            label: String::from_utf8_lossy(&r.payload).into_owned(),
+        })
+        .collect()
+}
+
+/// Writes one segment's catalogue entry, extents and delta-sync checksums; returns its record
+/// count and the point records it holds.
+async fn index_records(
+    journal: &Journal,
+    disk_id: u32,
+    id: u64,
+    path: &Path,
+    index: &SegmentIndex,
+    records: Vec<LogRecord>,
+    size: u64,
+) -> Result<(u64, Vec<PointMark>), ReplayError> {
+    let db = journal.db().clone();
+    let entry = SegmentEntry::from_index(path.as_ref(), index);
+    tokio::task::spawn_blocking(move || -> Result<_, ReplayError> {
+        let mut wb = WriteBatch::default();
+        let marks = index_object(&db, &mut wb, disk_id, id, &entry, &records, Some(size));
         db.write(wb).map_err(db_error)?;
-        let marks = records
-            .iter()
-            .filter(|r| matches!(r.kind, RecordKind::Bookmark | RecordKind::CrashPoint))
-            .map(|r| {
-                (
-                    r.offset,
-                    r.seq,
-                    r.time_ms,
-                    r.kind,
-                    String::from_utf8_lossy(&r.payload).into_owned(),
-                )
-            })
-            .collect();
         Ok((records.len() as u64, marks))
     })
     .await

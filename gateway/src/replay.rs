@@ -67,6 +67,26 @@ pub struct SegmentRef {
 /// Lists a disk's segments in sequence order.
 pub async fn list_segments(store: &dyn ObjectStore, machine: &str, disk: &str) -> Result<Vec<SegmentRef>, ReplayError> {
     let metas: Vec<_> = store.list(Some(&layout::segments(machine, disk))).try_collect().await?;
+    Ok(segment_refs(metas))
+}
+
+/// Lists a disk's segments whose first sequence is `first` or later, in sequence order (names
+/// sort by sequence, so the store lists only those where it can).
+pub async fn list_segments_from(
+    store: &dyn ObjectStore,
+    machine: &str,
+    disk: &str,
+    first: u64,
+) -> Result<Vec<SegmentRef>, ReplayError> {
+    let prefix = layout::segments(machine, disk);
+    let offset = object_store::path::Path::from(format!("{prefix}/{first:020}"));
+    let metas: Vec<_> = store.list_with_offset(Some(&prefix), &offset).try_collect().await?;
+    let mut out = segment_refs(metas);
+    out.retain(|s| s.first_seq >= first);
+    Ok(out)
+}
+
+fn segment_refs(metas: Vec<object_store::ObjectMeta>) -> Vec<SegmentRef> {
     let mut out: Vec<SegmentRef> = metas
         .into_iter()
         .filter_map(|m| {
@@ -80,7 +100,7 @@ pub async fn list_segments(store: &dyn ObjectStore, machine: &str, disk: &str) -
         })
         .collect();
     out.sort_by_key(|s| (s.first_seq, s.last_seq));
-    Ok(out)
+    out
 }
 
 /// Reads, authenticates and decodes one whole segment object (log segment or base part) of

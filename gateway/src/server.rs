@@ -200,6 +200,7 @@ impl From<JournalError> for ApiError {
             JournalError::CacheFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             JournalError::UnknownDisk { .. } => StatusCode::NOT_FOUND,
             JournalError::OutOfRange { .. } => StatusCode::BAD_REQUEST,
+            JournalError::Followed { .. } => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let retry_after = matches!(e, JournalError::CacheFull { .. }).then_some(1);
@@ -512,6 +513,9 @@ async fn check_log_continuity(
     disk: &str,
     existing: Option<&journal::DiskMeta>,
 ) -> Result<(), ApiError> {
+    // A disk another process server writes (the config server follows its log) was never
+    // written here: its log is a gap like any other until `index rebuild` adopts it.
+    let existing = existing.filter(|d| !d.is_followed());
     let key = (machine.to_owned(), disk.to_owned());
     if existing.is_some() && s.log_checked.lock().await.contains(&key) {
         return Ok(());
