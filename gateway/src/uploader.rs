@@ -124,7 +124,8 @@ impl Uploader {
             let disks = self.journal.disks();
             let pending = disks.iter().filter(|d| d.next_seq - 1 > d.uploaded_through).count();
             self.metrics.segments_pending.set(pending as i64);
-            for disk in &disks {
+            // A followed disk's log is written (and uploaded) by another process server.
+            for disk in disks.iter().filter(|d| !d.is_followed()) {
                 let queue = flights.entry(disk.id).or_default();
                 if let Err(e) = self.start_segments(disk, queue).await {
                     tracing::warn!(machine = %disk.machine, disk = %disk.disk, error = %e, "cannot start a segment; retrying");
