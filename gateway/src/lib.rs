@@ -24,6 +24,7 @@ pub mod blob;
 pub mod catalog;
 pub mod consistency;
 pub mod crypto;
+pub mod direct_io;
 pub mod events;
 pub mod groups;
 pub mod journal;
@@ -126,7 +127,7 @@ impl ProcessServer {
             .ok()
             .filter(|u| u.scheme() == "file")
             .and_then(|u| u.to_file_path().ok());
-        let blob = uploader::BlobStore { store, local_root };
+        let blob = uploader::BlobStore::new(store, local_root);
         let kek = open_keyring(&blob, cfg).await?;
         let dir = cfg.journal_dir.clone();
         let max = cfg.cache_max_bytes;

@@ -190,12 +190,16 @@ pub fn record_positions(records: &[LogRecord]) -> Vec<(u32, u32)> {
 /// the same bytes as a fresh one at the same level, so segments stay deterministic.
 struct ChunkScratch {
     raw: Vec<u8>,
+    /// Compressed output at its worst-case size; the chunk keeps only a right-sized copy, so a
+    /// segment in flight holds its compressed bytes, not 1 MiB of mostly untouched capacity each.
+    out: Vec<u8>,
     zstd: zstd::bulk::Compressor<'static>,
 }
 
 thread_local! {
     static CHUNK_SCRATCH: std::cell::RefCell<ChunkScratch> = std::cell::RefCell::new(ChunkScratch {
         raw: Vec::with_capacity(CHUNK_RAW_BYTES + (64 << 10)),
+        out: Vec::new(),
         zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd context"),
     });
 }
@@ -221,16 +225,19 @@ pub fn compress_chunks(records: &[LogRecord]) -> CompressedChunks {
             let raw_len: usize = recs.iter().map(LogRecord::encoded_len).sum();
             let compressed = CHUNK_SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
-                let ChunkScratch { raw, zstd } = &mut *scratch;
+                let ChunkScratch { raw, out, zstd } = &mut *scratch;
                 raw.clear();
                 for r in recs {
                     r.encode_into(raw);
                 }
-                // Room for the compressed bytes and the tag, so sealing needs no second buffer.
-                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()) + crypto::TAG_LEN);
-                zstd.compress_to_buffer(raw.as_slice(), &mut out)
+                out.clear();
+                out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+                zstd.compress_to_buffer(raw.as_slice(), out)
                     .expect("zstd compress to memory");
-                out
+                // Room for the tag too, so sealing needs no second buffer.
+                let mut chunk = Vec::with_capacity(out.len() + crypto::TAG_LEN);
+                chunk.extend_from_slice(out);
+                chunk
             });
             (compressed, raw_len as u32, range)
         })

@@ -30,6 +30,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{DiskMeta, JournalError};
+use crate::direct_io::{supports_direct_io, AlignedBuf};
 use crate::record::LogRecord;
 
 pub const DIR: &str = "payload-log";
@@ -45,95 +46,6 @@ pub const POINTER_TAG: u8 = 0xFF;
 pub const POINTER_LEN: usize = 1 + 8 + 8 + 4;
 /// Records with at least this much payload go to the payload log; smaller ones stay inline.
 pub const MIN_PAYLOAD: usize = 4096;
-/// Direct I/O alignment: of file offsets, write lengths and buffer addresses.
-const ALIGN: usize = 4096;
-
-fn round_up(n: usize) -> usize {
-    n.div_ceil(ALIGN) * ALIGN
-}
-
-/// A reusable write buffer whose bytes start at a 4 KiB-aligned address, as direct I/O needs.
-/// It keeps its memory between groups: no fresh pages to fault in and zero per group.
-struct AlignedBuf {
-    storage: Vec<u8>,
-    /// Where the aligned data starts in `storage`.
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new() -> Self {
-        Self {
-            storage: Vec::new(),
-            start: 0,
-            len: 0,
-        }
-    }
-
-    /// Makes room for `extra` more bytes plus the padding to the next 4 KiB boundary.
-    fn reserve(&mut self, extra: usize) {
-        let need = round_up(self.len + extra);
-        if self.start + need <= self.storage.len() {
-            return;
-        }
-        let capacity = need.max(2 * (self.storage.len().saturating_sub(ALIGN))).max(1 << 20);
-        let mut storage = vec![0u8; capacity + ALIGN];
-        // A byte pointer can always be aligned; the offset is below ALIGN.
-        let start = storage.as_ptr().align_offset(ALIGN);
-        assert!(start < ALIGN, "cannot align a byte buffer");
-        storage[start..start + self.len].copy_from_slice(self.data());
-        self.storage = storage;
-        self.start = start;
-    }
-
-    fn put(&mut self, bytes: &[u8]) {
-        self.reserve(bytes.len());
-        let at = self.start + self.len;
-        self.storage[at..at + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-
-    /// The data followed by zeros up to a multiple of 4 KiB, at an aligned address.
-    fn padded(&mut self) -> &[u8] {
-        let end = round_up(self.len);
-        self.reserve(0);
-        self.storage[self.start + self.len..self.start + end].fill(0);
-        &self.storage[self.start..self.start + end]
-    }
-
-    fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-/// Whether files in `dir` take direct I/O (not on tmpfs before Linux 6.6, for one): writes one
-/// aligned block to a probe file.
-fn supports_direct_io(dir: &Path) -> bool {
-    let probe = dir.join("direct-io.probe");
-    let ok = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&probe)
-        .and_then(|f| {
-            let mut b = AlignedBuf::new();
-            b.put(&[0u8; ALIGN]);
-            f.write_all_at(b.data(), 0)
-        })
-        .is_ok();
-    let _ = std::fs::remove_file(&probe);
-    ok
-}
-
 /// Where a record's journal value lies in the payload log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pointer {
@@ -354,7 +266,7 @@ impl PayloadLog {
     /// Only after [`Self::rotate_if_needed`] succeeded ([`Self::ready`]).
     pub fn append(&mut self, disk: u32, record: &LogRecord) -> Pointer {
         assert!(self.ready(), "payload log append without an open file");
-        let start = self.buf.len;
+        let start = self.buf.len();
         let head = record.encode_head();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &record.payload);
         self.buf.reserve(head.len() + record.payload.len() + 4);
@@ -366,7 +278,7 @@ impl PayloadLog {
         Pointer {
             file: self.no,
             offset: self.len + start as u64,
-            len: (self.buf.len - start) as u32,
+            len: (self.buf.len() - start) as u32,
         }
     }
 
@@ -444,6 +356,7 @@ impl PayloadLog {
 mod tests {
     use super::super::{prepare, Journal, JournalError, CF_META, SCHEMA_KEY};
     use super::*;
+    use crate::direct_io::ALIGN;
     use crate::protocol::IngestRecord;
     use bytes::Bytes;
 
@@ -592,20 +505,6 @@ mod tests {
         assert_eq!(from_log, from_memory);
         assert_eq!(from_log[2].payload.len(), 4096 * 3 + 1);
         assert!(from_log[1].payload.iter().all(|b| *b == 2));
-    }
-
-    #[test]
-    fn the_aligned_buffer_grows_without_losing_bytes() {
-        let mut b = AlignedBuf::new();
-        b.put(&[1; 10]);
-        let big = vec![2u8; 3 << 20];
-        b.put(&big);
-        assert_eq!(b.data().as_ptr() as usize % ALIGN, 0);
-        assert_eq!(&b.data()[..10], &[1; 10]);
-        assert_eq!(b.data().len(), 10 + (3 << 20));
-        let padded = b.padded();
-        assert_eq!(padded.len() % ALIGN, 0);
-        assert!(padded[10 + (3 << 20)..].iter().all(|x| *x == 0));
     }
 
     #[tokio::test]
