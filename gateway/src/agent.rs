@@ -472,15 +472,17 @@ fn scan_disk(
     while pos < size {
         let want = ((size - pos) as usize).min(READ_BYTES);
         let direct_read = match &direct {
-            Some(d) if want % crate::direct_io::ALIGN == 0 => match d.read_exact_at(aligned.fill_mut(want), pos) {
-                Ok(()) => true,
-                // Refused after all (alignment rules of this device): read through the cache.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    direct = None;
-                    false
+            Some(d) if want.is_multiple_of(crate::direct_io::ALIGN) => {
+                match d.read_exact_at(aligned.fill_mut(want), pos) {
+                    Ok(()) => true,
+                    // Refused after all (alignment rules of this device): read through the cache.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        direct = None;
+                        false
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
-            },
+            }
             _ => false,
         };
         let data: &[u8] = if direct_read {
