@@ -1485,6 +1485,43 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    #[tokio::test]
+    async fn several_plans_per_disk_in_order_and_old_plan_keys_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        let d = j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
+        for batch in 1..=3u64 {
+            let rec = prepare(
+                IngestRecord::write("disk0", batch * 4096, Bytes::from(vec![1u8; 4096])),
+                1 << 20,
+            );
+            j.commit("m", 1, batch, vec![rec]).await.unwrap();
+        }
+        let a = j.plan_segment(d.id, 1, 1).await.unwrap();
+        let b = j.plan_segment(d.id, 2, 3).await.unwrap();
+        assert_ne!(a.counter, b.counter, "each segment its own nonce counter");
+        assert!(j.plan_segment(d.id, 5, 5).await.is_err(), "plans follow one another");
+        assert_eq!(
+            j.plan_segment(d.id, 2, 3).await.unwrap(),
+            b,
+            "an existing plan is reused"
+        );
+        j.segment_uploaded(a, 0).await.unwrap();
+        // A plan stored under the one-plan-per-disk key of older versions is read and re-keyed.
+        let meta = j.db().cf_handle(CF_META).unwrap();
+        j.db().delete_cf(meta, plan_key(d.id, 2)).unwrap();
+        j.db()
+            .put_cf(meta, format!("plan/{:08x}", d.id), serde_json::to_vec(&b).unwrap())
+            .unwrap();
+        drop(j);
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(j.state.plans.read().unwrap().get(&(d.id, 2)), Some(&b));
+        let meta = j.db().cf_handle(CF_META).unwrap();
+        assert!(j.db().get_cf(meta, plan_key(d.id, 2)).unwrap().is_some());
+        assert!(j.db().get_cf(meta, format!("plan/{:08x}", d.id)).unwrap().is_none());
+        assert_eq!(j.read_records(d.id, 2, 3, usize::MAX).unwrap().len(), 2);
+    }
+
     fn payload(b: &[u8]) -> Bytes {
         Bytes::copy_from_slice(b)
     }

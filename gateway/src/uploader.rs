@@ -171,7 +171,8 @@ impl Uploader {
                 continue;
             }
             // Wait for the oldest segment of any disk; new commits may start more segments.
-            let room = flights.values().all(|q| q.len() < SEGMENTS_IN_FLIGHT);
+            // A commit may start a segment on a disk with room (or none in flight yet).
+            let room = flights.len() < disks.len() || flights.values().any(|q| q.len() < SEGMENTS_IN_FLIGHT);
             let fronts = flights
                 .iter_mut()
                 .map(|(id, q)| Box::pin(async move { (*id, (&mut q.front_mut().expect("non-empty").task).await) }));
