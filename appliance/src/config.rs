@@ -168,7 +168,7 @@ impl Default for Cache {
         Self {
             max_bytes: "8GiB".into(),
             chunk_cache_bytes: "512MiB".into(),
-            memory_bytes: "256MiB".into(),
+            memory_bytes: "64MiB".into(),
         }
     }
 }

@@ -247,7 +247,7 @@ impl Retention {
             let offset = block * INDEX_BLOCK;
             let len = (disk.size - offset).min(INDEX_BLOCK) as usize;
             let data: Bytes = view.read_at(offset, len).await?;
-            if data.iter().all(|b| *b == 0) {
+            if gateway::journal::is_zero(&data) {
                 continue;
             }
             pending_bytes += data.len();

@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -376,8 +375,8 @@ impl Agent {
         let (free_tx, free_rx) = crossbeam_channel::bounded::<bytes::BytesMut>(IN_FLIGHT * 2 + 2);
         let name = spec.name.clone();
         let path = spec.path.display().to_string();
-        // Direct reads (where the disk allows) skip the page cache: no copy through it, and the
-        // protected machine's own cached data is not evicted by a full scan.
+        // Chunks not in the page cache are read directly (where the disk allows): no copy
+        // through the cache, and the protected machine's own cached data is not evicted.
         let direct = crate::direct_io::open_direct(&spec.path);
         let scanner = tokio::task::spawn_blocking(move || {
             scan_disk(file, direct, size, &name, &replica, tx, free_rx, progress).map_err(|e| (path, e))
@@ -445,10 +444,6 @@ fn scan_disk(
 ) -> std::io::Result<u64> {
     // Room for a full batch plus one extent and the record framing, so the body never regrows.
     let capacity = BATCH_BYTES + EXTENT_BYTES as usize + (64 << 10);
-    let mut buf = vec![0u8; READ_BYTES];
-    let mut aligned = crate::direct_io::AlignedBuf::new();
-    let mut direct = direct;
-    let mut pos = 0u64;
     let mut batch = BatchBuilder::new(capacity);
     let mut batch_bytes = 0usize;
     let (mut changed, mut zeroed) = (0u64, 0u64);
@@ -469,34 +464,18 @@ fn scan_disk(
         *zeroed = 0;
         tx.blocking_send(msg).is_ok()
     };
-    while pos < size {
-        let want = ((size - pos) as usize).min(READ_BYTES);
-        let direct_read = match &direct {
-            Some(d) if want.is_multiple_of(crate::direct_io::ALIGN) => {
-                match d.read_exact_at(aligned.fill_mut(want), pos) {
-                    Ok(()) => true,
-                    // Refused after all (alignment rules of this device): read through the cache.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        direct = None;
-                        false
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            _ => false,
-        };
-        let data: &[u8] = if direct_read {
-            aligned.data()
-        } else {
-            file.read_exact_at(&mut buf[..want], pos)?;
-            &buf[..want]
-        };
+    let reader = crate::disk_read::DiskReader::start(file, direct, size, READ_BYTES);
+    while let Some(chunk) = reader.next() {
+        let chunk = chunk?;
+        let pos = chunk.pos;
+        let data = chunk.buf.data();
+        let want = data.len();
         for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
             let off = pos + (i as u64) * BLOCK_SIZE;
             let index = (off / BLOCK_SIZE) as usize;
             let theirs = &replica[index * 16..index * 16 + 16];
-            let replica_zero = theirs.iter().all(|b| *b == 0);
-            let is_zero = block.iter().all(|b| *b == 0);
+            let replica_zero = crate::journal::is_zero(theirs);
+            let is_zero = crate::journal::is_zero(block);
             let (differs, sum) = if is_zero {
                 (!replica_zero, None)
             } else {
@@ -541,8 +520,8 @@ fn scan_disk(
                 return Err(std::io::Error::other("sync cancelled"));
             }
         }
-        pos += want as u64;
         progress(want as u64);
+        reader.recycle(chunk.buf);
     }
     if let Some((s, l)) = zero_run.take() {
         batch.zero(disk, s, l as u32);

@@ -97,6 +97,26 @@ impl AlignedBuf {
     }
 }
 
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`, or fewer where the file ends first; returns the count.
+pub fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// Whether files in `dir` take direct I/O: writes one aligned block to a probe file.
 pub fn supports_direct_io(dir: &Path) -> bool {
     let probe = dir.join(format!("direct-io.probe.{}", std::process::id()));

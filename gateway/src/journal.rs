@@ -200,7 +200,7 @@ pub fn prepare_with_sums(record: IngestRecord, disk_size: u64, sums: Option<&[u8
                 Some(sum.try_into().expect("16 bytes"))
             } else {
                 let data = &record.payload[(bstart - start) as usize..(bend - start) as usize];
-                if data.iter().all(|b| *b == 0) {
+                if is_zero(data) {
                     None
                 } else {
                     Some(block_checksum(data))
@@ -210,6 +210,12 @@ pub fn prepare_with_sums(record: IngestRecord, disk_size: u64, sums: Option<&[u8
         }
     }
     PreparedRecord { record, checksums }
+}
+
+/// Whether `data` is all zero bytes. ORs 4 KiB at a time, which the compiler vectorises, where a
+/// byte-wise `all` stops to test every byte (a fifth of the agent's scan time before).
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096).all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
 /// The delta-sync checksum of one block.
@@ -692,9 +698,13 @@ impl Journal {
     ) -> Result<Vec<LogRecord>, JournalError> {
         let cf = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
         let start = journal_key(disk_id, first);
-        let mut out = Vec::new();
+        /// A record in hand (from the hot tail or inline), or where it lies in the payload log.
+        enum Slot {
+            Ready(u64, LogRecord),
+            Logged(u64, paylog::Pointer),
+        }
+        let mut slots = Vec::new();
         let mut bytes = 0;
-        let mut files: HashMap<u64, std::fs::File> = HashMap::new();
         for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             if k[..4] != disk_id.to_be_bytes() {
@@ -708,31 +718,47 @@ impl Journal {
             let pointer = paylog::Pointer::decode(&v);
             // A payload still in the hot tail is taken from memory, not read back from the log.
             let hot = pointer.as_ref().and_then(|_| self.state.hot.get(disk_id, seq));
-            let r = match (hot, pointer) {
-                (Some(r), _) => r,
-                (None, None) => LogRecord::from_journal_value(&v).map_err(|e| corrupt(e.to_string()))?,
-                (None, Some(p)) => {
-                    let p = p?;
-                    let file = match files.entry(p.file) {
-                        std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(slot) => {
-                            match paylog::open_for_read(&self.log_dir, p.file) {
-                                Ok(f) => slot.insert(f),
-                                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.uploaded(disk_id, seq) => {
-                                    // Uploaded (and its file deleted) since the iterator started.
-                                    break;
-                                }
-                                Err(e) => return Err(corrupt(format!("payload log file {}: {e}", p.file))),
-                            }
-                        }
-                    };
-                    match paylog::read(file, p) {
-                        Ok(r) => r,
-                        // Uploaded meanwhile and its file recycled under another number.
-                        Err(_) if self.uploaded(disk_id, seq) => break,
-                        Err(e) => return Err(corrupt(e)),
+            let slot = match (hot, pointer) {
+                (Some(r), _) => Slot::Ready(seq, r),
+                (None, None) => Slot::Ready(
+                    seq,
+                    LogRecord::from_journal_value(&v).map_err(|e| corrupt(e.to_string()))?,
+                ),
+                (None, Some(p)) => Slot::Logged(seq, p.map_err(|e| corrupt(e.to_string()))?),
+            };
+            bytes += match &slot {
+                Slot::Ready(_, r) => r.payload.len(),
+                Slot::Logged(_, p) => p.len as usize,
+            };
+            slots.push(slot);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        // The logged ones in as few reads as their placement allows.
+        let pointers: Vec<paylog::Pointer> = slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Logged(_, p) => Some(*p),
+                Slot::Ready(..) => None,
+            })
+            .collect();
+        let mut loaded = paylog::read_many(&self.log_dir, &pointers).into_iter();
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let (seq, r) = match slot {
+                Slot::Ready(seq, r) => (seq, r),
+                Slot::Logged(seq, p) => match loaded.next().expect("one result a pointer") {
+                    Ok(r) => (seq, r),
+                    // Uploaded (and its file deleted or recycled) since the iterator started.
+                    Err(_) if self.uploaded(disk_id, seq) => break,
+                    Err(e) => {
+                        return Err(JournalError::Corrupt(format!(
+                            "disk {disk_id} seq {seq}: payload log file {}: {e}",
+                            p.file
+                        )))
                     }
-                }
+                },
             };
             if r.seq != seq {
                 return Err(JournalError::Corrupt(format!(
@@ -740,11 +766,7 @@ impl Journal {
                     r.seq
                 )));
             }
-            bytes += r.payload.len();
             out.push(r);
-            if bytes >= max_bytes {
-                break;
-            }
         }
         Ok(out)
     }
@@ -1484,6 +1506,17 @@ impl Writer {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn zero_detection_sees_any_set_byte() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&vec![0u8; 65536 + 17]));
+        for at in [0, 4095, 4096, 65536 + 16] {
+            let mut v = vec![0u8; 65536 + 17];
+            v[at] = 0x80;
+            assert!(!is_zero(&v), "byte {at}");
+        }
+    }
 
     #[tokio::test]
     async fn several_plans_per_disk_in_order_and_old_plan_keys_are_migrated() {

@@ -25,6 +25,7 @@ pub mod catalog;
 pub mod consistency;
 pub mod crypto;
 pub mod direct_io;
+pub mod disk_read;
 pub mod events;
 pub mod groups;
 pub mod journal;

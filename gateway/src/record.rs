@@ -121,7 +121,12 @@ impl LogRecord {
     }
 
     /// Like [`Self::from_journal_value`], taking ownership so the payload is not copied again.
-    pub fn from_journal_vec(mut value: Vec<u8>) -> Result<Self, RecordError> {
+    pub fn from_journal_vec(value: Vec<u8>) -> Result<Self, RecordError> {
+        Self::from_journal_bytes(Bytes::from(value))
+    }
+
+    /// Like [`Self::from_journal_value`]; the payload is a slice of `value`, not a copy.
+    pub fn from_journal_bytes(value: Bytes) -> Result<Self, RecordError> {
         if value.len() < FIXED_LEN + 4 {
             return Err(RecordError::Truncated);
         }
@@ -130,8 +135,7 @@ impl LogRecord {
         if crc32c::crc32c(&value[..body_len]) != crc {
             return Err(RecordError::BadChecksum);
         }
-        value.truncate(body_len);
-        let mut b = Bytes::from(value);
+        let mut b = value.slice(..body_len);
         let r = Self::decode_from(&mut b)?;
         if b.has_remaining() {
             return Err(RecordError::Truncated);
@@ -162,6 +166,12 @@ mod tests {
         let v = r.to_journal_value();
         assert_eq!(LogRecord::from_journal_value(&v).unwrap(), r);
         assert_eq!(LogRecord::from_journal_vec(v.clone()).unwrap(), r);
+        let mut framed = b"xx".to_vec();
+        framed.extend_from_slice(&v);
+        assert_eq!(
+            LogRecord::from_journal_bytes(Bytes::from(framed).slice(2..)).unwrap(),
+            r
+        );
         for i in 0..v.len() {
             let mut bad = v.clone();
             bad[i] ^= 0x10;

@@ -630,17 +630,50 @@ fn refuse_if_stopped(s: &IngestState, machine: &str) -> Result<(), ApiError> {
 
 const HOLD_WHEN_FULL: Duration = Duration::from_secs(5);
 
+/// Reads a batch body into one buffer sized from its Content-Length, copying each frame as it
+/// arrives. hyper can then reuse its read buffer for the next frame, where collecting the frames
+/// first kept every one alive (and made hyper allocate fresh buffers for a whole batch) until a
+/// final copy. Runs after authorisation, so an unknown client never gets a body buffered.
+async fn read_batch_body(body: axum::body::Body, headers: &HeaderMap) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is over the {MAX_BATCH_BYTES}-byte limit"),
+        )
+    };
+    let mut buf = bytes::BytesMut::with_capacity(declared.min(MAX_BATCH_BYTES));
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("reading the batch body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_BATCH_BYTES {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
 async fn batch(
     State(s): State<Arc<IngestState>>,
     Path(machine): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Json<journal::Ack>, ApiError> {
     let started = Instant::now();
     authorize(&s, &headers, &machine).await?;
     refuse_if_stopped(&s, &machine)?;
     let session = header_u64(&headers, "x-lifeboat-session")?;
     let batch_no = header_u64(&headers, "x-lifeboat-batch")?;
+    let body = read_batch_body(body, &headers).await?;
     let j = s.journal.clone();
     let m = machine.clone();
     let prepared = tokio::task::spawn_blocking(move || -> Result<_, protocol::FrameError> {
