@@ -366,11 +366,26 @@ pub fn extent_key(disk_id: u32, block: u64, seq: u64) -> [u8; 20] {
 /// base parts) and the extents of its records to `wb`. Idempotent: re-indexing a segment writes
 /// the same keys.
 pub fn index_segment(db: &DB, wb: &mut WriteBatch, disk_id: u32, id: u64, entry: &SegmentEntry, records: &[LogRecord]) {
+    let positions = crate::segment::record_positions(records);
+    index_segment_at(db, wb, disk_id, id, entry, records, &positions);
+}
+
+/// [`index_segment`] with the records' `(chunk, payload position)` computed beforehand, while
+/// they still had their payloads: only their headers (kind, seq, offset, len) are read here.
+pub fn index_segment_at(
+    db: &DB,
+    wb: &mut WriteBatch,
+    disk_id: u32,
+    id: u64,
+    entry: &SegmentEntry,
+    records: &[LogRecord],
+    positions: &[(u32, u32)],
+) {
     let segs = db.cf_handle(CF_SEGMENTS).expect("segments cf");
     let exts = db.cf_handle(CF_EXTENTS).expect("extents cf");
     wb.put_cf(segs, segment_key(disk_id, id), entry.encode());
-    let positions = crate::segment::record_positions(records);
-    for (r, (chunk, payload_pos)) in records.iter().zip(positions) {
+    assert_eq!(records.len(), positions.len(), "a position per record");
+    for (r, &(chunk, payload_pos)) in records.iter().zip(positions) {
         if !matches!(r.kind, RecordKind::Write | RecordKind::Zero) || r.len == 0 {
             continue;
         }

@@ -296,6 +296,8 @@ pub struct Journal {
     db: Arc<DB>,
     /// The payload log's folder (readers open its files themselves).
     log_dir: Arc<std::path::PathBuf>,
+    /// Buffers of the payload log's read-backs, back once their records are uploaded.
+    read_bufs: Arc<crate::pool::Pool<crate::direct_io::AlignedBuf>>,
     tx: Sender<Command>,
     pub state: Arc<JournalState>,
     _writer: Arc<WriterGuard>,
@@ -479,6 +481,8 @@ impl Journal {
             tx: tx.clone(),
             state,
             log_dir: Arc::new(log_dir),
+            // A few segments' worth in flight; at most this many idle.
+            read_bufs: crate::pool::Pool::new(4),
             _writer: Arc::new(WriterGuard {
                 tx: Some(tx),
                 handle: Some(handle),
@@ -743,7 +747,7 @@ impl Journal {
                 Slot::Ready(..) => None,
             })
             .collect();
-        let mut loaded = paylog::read_many(&self.log_dir, &pointers).into_iter();
+        let mut loaded = paylog::read_many(&self.log_dir, &pointers, &self.read_bufs).into_iter();
         let mut out = Vec::with_capacity(slots.len());
         for slot in slots {
             let (seq, r) = match slot {

@@ -31,6 +31,7 @@ pub mod groups;
 pub mod journal;
 pub mod metrics;
 pub mod policy;
+pub mod pool;
 pub mod process_servers;
 pub mod protocol;
 pub mod rebuild;

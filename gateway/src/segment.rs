@@ -307,7 +307,7 @@ pub fn seal_segment(
         })
         .collect();
     let total: usize = header_bytes.len() + sealed.iter().map(|s| s.0.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(total + sealed.len() * INDEX_ENTRY_LEN + 64);
+    let mut out = crate::pool::vec_with_room(&SEALED, total + sealed.len() * INDEX_ENTRY_LEN + 64);
     out.extend_from_slice(&header_bytes);
     let mut index = Vec::with_capacity(sealed.len() * INDEX_ENTRY_LEN);
     for (bytes, raw_len, recs) in &sealed {
@@ -339,8 +339,12 @@ pub fn seal_segment(
     trailer.put_u32(crc);
     trailer.put_slice(TRAILER_MAGIC);
     out.extend_from_slice(&trailer);
-    (header, Bytes::from(out))
+    (header, SEALED.share(out))
 }
+
+/// Buffers of sealed segments, back once a segment's put is done: a few segments are in flight.
+static SEALED: std::sync::LazyLock<std::sync::Arc<crate::pool::Pool<Vec<u8>>>> =
+    std::sync::LazyLock::new(|| crate::pool::Pool::new(4));
 
 /// A segment whose header and index have been read and authenticated.
 #[derive(Debug, Clone)]

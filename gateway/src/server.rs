@@ -53,7 +53,12 @@ pub struct IngestState {
     seen: std::sync::Mutex<HashMap<String, (u64, u64)>>,
     /// Disks whose journal was checked against blob storage's log since this process started.
     log_checked: Mutex<std::collections::HashSet<(String, String)>>,
+    /// Batch body buffers, back from the journal's hot tail once their records are uploaded.
+    bodies: Arc<crate::pool::Pool<Vec<u8>>>,
 }
+
+/// Idle batch bodies kept for reuse (8 MiB each from current agents).
+const IDLE_BODIES: usize = 8;
 
 /// A registered agent, as the management API lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -93,6 +98,7 @@ impl IngestState {
             disk_setup: Mutex::new(()),
             seen: std::sync::Mutex::new(HashMap::new()),
             log_checked: Mutex::new(std::collections::HashSet::new()),
+            bodies: crate::pool::Pool::new(IDLE_BODIES),
         })
     }
 
@@ -633,8 +639,13 @@ const HOLD_WHEN_FULL: Duration = Duration::from_secs(5);
 /// Reads a batch body into one buffer sized from its Content-Length, copying each frame as it
 /// arrives. hyper can then reuse its read buffer for the next frame, where collecting the frames
 /// first kept every one alive (and made hyper allocate fresh buffers for a whole batch) until a
-/// final copy. Runs after authorisation, so an unknown client never gets a body buffered.
-async fn read_batch_body(body: axum::body::Body, headers: &HeaderMap) -> Result<Bytes, ApiError> {
+/// final copy. The buffer comes from `pool` and returns there when the last record slicing it
+/// is dropped. Runs after authorisation, so an unknown client never gets a body buffered.
+async fn read_batch_body(
+    body: axum::body::Body,
+    headers: &HeaderMap,
+    pool: &Arc<crate::pool::Pool<Vec<u8>>>,
+) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -647,7 +658,7 @@ async fn read_batch_body(body: axum::body::Body, headers: &HeaderMap) -> Result<
             format!("request body is over the {MAX_BATCH_BYTES}-byte limit"),
         )
     };
-    let mut buf = bytes::BytesMut::with_capacity(declared.min(MAX_BATCH_BYTES));
+    let mut buf = crate::pool::vec_with_room(pool, declared.min(MAX_BATCH_BYTES));
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame =
@@ -659,7 +670,7 @@ async fn read_batch_body(body: axum::body::Body, headers: &HeaderMap) -> Result<
             buf.extend_from_slice(&data);
         }
     }
-    Ok(buf.freeze())
+    Ok(pool.share(buf))
 }
 
 async fn batch(
@@ -673,7 +684,7 @@ async fn batch(
     refuse_if_stopped(&s, &machine)?;
     let session = header_u64(&headers, "x-lifeboat-session")?;
     let batch_no = header_u64(&headers, "x-lifeboat-batch")?;
-    let body = read_batch_body(body, &headers).await?;
+    let body = read_batch_body(body, &headers, &s.bodies).await?;
     let j = s.journal.clone();
     let m = machine.clone();
     let prepared = tokio::task::spawn_blocking(move || -> Result<_, protocol::FrameError> {

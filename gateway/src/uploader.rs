@@ -86,7 +86,10 @@ struct Staged {
     raw: usize,
     journal_bytes: u64,
     entry: catalog::SegmentEntry,
+    /// The records' headers (payloads dropped once sealed, so their buffers are reused while
+    /// the put is still in flight) and where each lies in the segment's chunks.
     records: Vec<LogRecord>,
+    positions: Vec<(u32, u32)>,
 }
 
 /// One segment in flight: its plan and the task that compresses, seals and puts it.
@@ -318,10 +321,23 @@ impl Uploader {
         let (machine, diskname, key_id) = (disk.machine.clone(), disk.disk.clone(), disk.key_id);
         let path = layout::segment(&disk.machine, &disk.disk, plan.first_seq, plan.last_seq);
         let name = path.to_string();
-        let (bytes, entry, records) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (bytes, entry, records, positions) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let (_, bytes) = segment::build_segment(&machine, &diskname, key_id, plan.counter, &key, &records);
             let (index, _) = segment::SegmentIndex::from_object(&bytes, |_| Ok(key.clone()), &name)?;
-            Ok((bytes, catalog::SegmentEntry::from_index(&name, &index), records))
+            let positions = segment::record_positions(&records);
+            let headers = records
+                .into_iter()
+                .map(|mut r| {
+                    r.payload = bytes::Bytes::new();
+                    r
+                })
+                .collect::<Vec<_>>();
+            Ok((
+                bytes,
+                catalog::SegmentEntry::from_index(&name, &index),
+                headers,
+                positions,
+            ))
         })
         .await??;
         let len = bytes.len();
@@ -332,6 +348,7 @@ impl Uploader {
             journal_bytes,
             entry,
             records,
+            positions,
         })
     }
 
@@ -343,6 +360,7 @@ impl Uploader {
             journal_bytes,
             entry,
             records,
+            positions,
         } = staged;
         // The catalogue learns of the segment before the journal lets go of its records; both
         // writes share the WAL, so the synced journal update below makes this one durable too.
@@ -350,7 +368,7 @@ impl Uploader {
         let id = plan.disk_id;
         tokio::task::spawn_blocking(move || {
             let mut wb = rocksdb::WriteBatch::default();
-            catalog::index_segment(&db, &mut wb, id, entry.first_seq, &entry, &records);
+            catalog::index_segment_at(&db, &mut wb, id, entry.first_seq, &entry, &records, &positions);
             db.write(wb)
         })
         .await??;

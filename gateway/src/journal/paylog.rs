@@ -29,11 +29,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::{DiskMeta, JournalError};
 use crate::direct_io::{self, supports_direct_io, AlignedBuf, ALIGN};
+use crate::pool::Pool;
 use crate::record::LogRecord;
 
 pub const DIR: &str = "payload-log";
@@ -154,7 +156,7 @@ const EXTENT_MAX: u64 = 64 << 20;
 /// request, with direct I/O where the file system allows, into one buffer that their payloads
 /// then share: no copy into the page cache and none out of it. Each result is the record or why
 /// it could not be read (`NotFound` when its file is gone).
-pub fn read_many(dir: &Path, pointers: &[Pointer]) -> Vec<std::io::Result<LogRecord>> {
+pub fn read_many(dir: &Path, pointers: &[Pointer], bufs: &Arc<Pool<AlignedBuf>>) -> Vec<std::io::Result<LogRecord>> {
     let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
     let mut out = Vec::with_capacity(pointers.len());
     let mut files: HashMap<u64, (File, Option<File>)> = HashMap::new();
@@ -183,7 +185,7 @@ pub fn read_many(dir: &Path, pointers: &[Pointer]) -> Vec<std::io::Result<LogRec
             end = p_end;
             j += 1;
         }
-        match read_extent(dir, &mut files, first.file, first.offset, end) {
+        match read_extent(dir, &mut files, bufs, first.file, first.offset, end) {
             Ok(extent) => out.extend(pointers[i..j].iter().map(|p| {
                 let at = (p.offset - first.offset) as usize;
                 LogRecord::from_journal_bytes(extent.slice(at..at + p.len as usize))
@@ -200,6 +202,7 @@ pub fn read_many(dir: &Path, pointers: &[Pointer]) -> Vec<std::io::Result<LogRec
 fn read_extent(
     dir: &Path,
     files: &mut HashMap<u64, (File, Option<File>)>,
+    bufs: &Arc<Pool<AlignedBuf>>,
     no: u64,
     start: u64,
     end: u64,
@@ -220,11 +223,11 @@ fn read_extent(
     if let Some(d) = direct.as_ref() {
         let aligned_start = start / ALIGN as u64 * ALIGN as u64;
         let len = direct_io::round_up((end - aligned_start) as usize);
-        let mut buf = AlignedBuf::new();
+        let mut buf = bufs.take().unwrap_or_default();
         match direct_io::read_at_most(d, buf.fill_mut(len), aligned_start) {
             Ok(n) if aligned_start + n as u64 >= end => {
                 let skip = (start - aligned_start) as usize;
-                return Ok(Bytes::from_owner(buf).slice(skip..skip + (end - start) as usize));
+                return Ok(bufs.share(buf).slice(skip..skip + (end - start) as usize));
             }
             Ok(_) => return Err(eof()),
             // Refused after all: read this file through the cache.
