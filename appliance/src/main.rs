@@ -36,7 +36,7 @@ extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// mimalloc v2's `mi_option_purge_delay`: how long freed memory stays committed before it is
+/// mimalloc's (v3) `mi_option_purge_delay`: how long freed memory stays committed before it is
 /// returned to the OS. The default (10 ms) returns a batch buffer's pages between two batches,
 /// and the next batch faults them in and the kernel zeroes them again; one second keeps the
 /// steady-state buffers (bounded by the batches in flight) committed.

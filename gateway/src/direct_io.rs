@@ -47,7 +47,14 @@ impl AlignedBuf {
         if self.start + need <= self.storage.len() {
             return;
         }
-        let capacity = need.max(2 * (self.storage.len().saturating_sub(ALIGN))).max(1 << 20);
+        // Appending grows by doubling; refilling an empty buffer takes what it needs, rounded to
+        // 1 MiB so that pooled buffers of about one size fit each other's contents.
+        let grown = if self.len == 0 {
+            need
+        } else {
+            need.max(2 * (self.storage.len().saturating_sub(ALIGN)))
+        };
+        let capacity = grown.div_ceil(1 << 20).max(1) << 20;
         let mut storage = vec![0u8; capacity + ALIGN];
         // A byte pointer can always be aligned; the offset is below ALIGN.
         let start = storage.as_ptr().align_offset(ALIGN);

@@ -482,7 +482,7 @@ impl Journal {
             state,
             log_dir: Arc::new(log_dir),
             // A few segments' worth in flight; at most this many idle.
-            read_bufs: crate::pool::Pool::new(4),
+            read_bufs: crate::pool::Pool::new(2),
             _writer: Arc::new(WriterGuard {
                 tx: Some(tx),
                 handle: Some(handle),

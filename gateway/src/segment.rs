@@ -344,7 +344,7 @@ pub fn seal_segment(
 
 /// Buffers of sealed segments, back once a segment's put is done: a few segments are in flight.
 static SEALED: std::sync::LazyLock<std::sync::Arc<crate::pool::Pool<Vec<u8>>>> =
-    std::sync::LazyLock::new(|| crate::pool::Pool::new(4));
+    std::sync::LazyLock::new(|| crate::pool::Pool::new(2));
 
 /// A segment whose header and index have been read and authenticated.
 #[derive(Debug, Clone)]
