@@ -506,6 +506,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn read_back_coalesces_neighbours_and_skips_other_disks_records() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path(), 1 << 30).unwrap();
+            j.register_disk("m", "disk0", 64 << 20, 1).await.unwrap();
+            j.register_disk("m", "disk1", 64 << 20, 1).await.unwrap();
+            let w = |disk: &str, off: u64, byte: u8, len: usize| {
+                prepare(IngestRecord::write(disk, off, Bytes::from(vec![byte; len])), 64 << 20)
+            };
+            // Per batch: two neighbouring disk0 records, then a disk1 one (a gap for disk0's
+            // reader, under the coalescing limit), and every fifth batch a 300 KiB disk1 record
+            // (a gap over it). 40 batches fill several 1 MiB test files.
+            for batch in 1..=40u64 {
+                let mut recs = vec![
+                    w("disk0", batch * 131072, batch as u8, 65536),
+                    w("disk0", batch * 131072 + 65536, batch as u8 ^ 0xff, 20000),
+                    w("disk1", batch * 65536, 7, 5000),
+                ];
+                if batch % 5 == 0 {
+                    recs.push(w("disk1", 0, 9, 300 << 10));
+                }
+                j.commit("m", 1, batch, recs).await.unwrap();
+            }
+        }
+        assert!(files(dir.path()).len() > 2, "the records span several files");
+        // Reopened: nothing in the hot tail, every payload comes back from the log.
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        let d0 = j.disk("m", "disk0").unwrap();
+        let recs = j.read_records(d0.id, 1, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(recs.len(), 80);
+        for (i, r) in recs.iter().enumerate() {
+            let batch = i as u64 / 2 + 1;
+            let (byte, len) = if i % 2 == 0 {
+                (batch as u8, 65536)
+            } else {
+                (batch as u8 ^ 0xff, 20000)
+            };
+            assert_eq!(r.seq, i as u64 + 1);
+            assert_eq!(r.payload.len(), len);
+            assert!(r.payload.iter().all(|b| *b == byte), "record {i}");
+        }
+        // Neighbours were read in one request: the second payload sits in the same buffer, right
+        // after the first record's payload, checksum and the next record's header.
+        let gap = recs[1].payload.as_ptr() as usize - recs[0].payload.as_ptr() as usize;
+        assert_eq!(gap, 65536 + 4 + (recs[1].encoded_len() - recs[1].payload.len()));
+        let d1 = j.disk("m", "disk1").unwrap();
+        let other = j.read_records(d1.id, 1, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(other.len(), 48);
+        assert!(other.iter().all(|r| r.payload.iter().all(|b| *b == 7 || *b == 9)));
+    }
+
+    #[tokio::test]
     async fn uploaded_files_are_recycled_and_stay_readable() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path(), 1 << 30).unwrap();
