@@ -68,13 +68,18 @@ impl<T: AsRef<[u8]> + Send + 'static> Drop for Returning<T> {
     }
 }
 
-/// A cleared byte vector with room for `min` bytes, from `pool` when it has one.
+/// A cleared byte vector with room for `min` bytes, from `pool` when it has one not much larger:
+/// a small batch kept in the hot tail must not pin a buffer many times its size.
 pub fn vec_with_room(pool: &Pool<Vec<u8>>, min: usize) -> Vec<u8> {
     match pool.take() {
-        Some(mut v) => {
+        Some(mut v) if v.capacity() <= min.saturating_mul(4).max(1 << 20) => {
             v.clear();
             v.reserve(min);
             v
+        }
+        Some(v) => {
+            pool.give(v);
+            Vec::with_capacity(min)
         }
         None => Vec::with_capacity(min),
     }
@@ -100,6 +105,17 @@ mod tests {
         let again = vec_with_room(&pool, 1000);
         assert_eq!(again.as_ptr(), at, "the same memory, not a new allocation");
         assert!(again.is_empty() && again.capacity() >= 1 << 20);
+    }
+
+    #[test]
+    fn a_small_request_does_not_take_a_large_buffer() {
+        let pool: Arc<Pool<Vec<u8>>> = Pool::new(2);
+        pool.give(Vec::with_capacity(8 << 20));
+        let small = vec_with_room(&pool, 4096);
+        assert!(small.capacity() < 8 << 20);
+        assert_eq!(pool.idle(), 1, "the large one stays for a large request");
+        assert!(vec_with_room(&pool, 6 << 20).capacity() >= 8 << 20);
+        assert_eq!(pool.idle(), 0);
     }
 
     #[test]
