@@ -31,7 +31,7 @@ pub struct BlobStore {
     pub store: Arc<dyn ObjectStore>,
     pub local_root: Option<PathBuf>,
     /// Aligned staging buffers for direct-I/O puts to a local folder, reused between puts.
-    scratch: Arc<std::sync::Mutex<Vec<AlignedBuf>>>,
+    scratch: Arc<crate::pool::Pool<AlignedBuf>>,
 }
 
 impl BlobStore {
@@ -39,7 +39,8 @@ impl BlobStore {
         Self {
             store,
             local_root,
-            scratch: Arc::default(),
+            // A few buffers serve the puts in flight.
+            scratch: crate::pool::Pool::new(SEGMENTS_IN_FLIGHT + 1),
         }
     }
 
@@ -59,13 +60,9 @@ impl BlobStore {
         let file = root.join(path.as_ref());
         let pool = self.scratch.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut scratch = pool.lock().expect("scratch lock").pop().unwrap_or_default();
+            let mut scratch = pool.take().unwrap_or_default();
             let r = direct_io::write_file_durably(&file, &data, &mut scratch);
-            // A few buffers serve the puts in flight.
-            let mut pool = pool.lock().expect("scratch lock");
-            if pool.len() < SEGMENTS_IN_FLIGHT + 1 {
-                pool.push(scratch);
-            }
+            pool.give(scratch);
             r
         })
         .await

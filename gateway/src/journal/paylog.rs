@@ -136,17 +136,6 @@ pub fn open_for_read(dir: &Path, no: u64) -> Result<File, std::io::Error> {
     Ok(f)
 }
 
-/// Reads and verifies the record a pointer designates.
-pub fn read(file: &File, p: Pointer) -> Result<LogRecord, String> {
-    if p.offset < HEADER_LEN as u64 {
-        return Err(format!("pointer offset {} inside the file header", p.offset));
-    }
-    let mut v = vec![0u8; p.len as usize];
-    file.read_exact_at(&mut v, p.offset)
-        .map_err(|e| format!("reading {} bytes at {}: {e}", p.len, p.offset))?;
-    LogRecord::from_journal_vec(v).map_err(|e| e.to_string())
-}
-
 /// Records closer together than this in a file are read in one request, the gap included.
 const COALESCE_GAP: u64 = 256 << 10;
 /// The most one read request covers.
