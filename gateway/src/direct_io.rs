@@ -95,6 +95,14 @@ impl AlignedBuf {
         self.len = 0;
     }
 
+    /// Removes the first `n` bytes, moving the rest to the (aligned) start.
+    pub fn drop_front(&mut self, n: usize) {
+        assert!(n <= self.len, "dropping {n} of {} bytes", self.len);
+        self.storage
+            .copy_within(self.start + n..self.start + self.len, self.start);
+        self.len -= n;
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -156,9 +164,24 @@ fn is_unsupported(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
 }
 
+/// Direct writes of a file go through the aligned scratch buffer in pieces of this size.
+const WRITE_PIECE: usize = 4 << 20;
+
+/// Writes `data` at the start of `f` (opened with direct I/O) through `scratch`, piece by piece:
+/// the last piece is padded to 4 KiB, then the file is cut to `data`'s length.
+fn write_direct(f: &File, data: &[u8], scratch: &mut AlignedBuf) -> io::Result<()> {
+    for (i, piece) in data.chunks(WRITE_PIECE).enumerate() {
+        scratch.clear();
+        scratch.put(piece);
+        f.write_all_at(scratch.padded(), (i * WRITE_PIECE) as u64)?;
+    }
+    f.set_len(data.len() as u64)
+}
+
 /// Writes `data` as the file `path`, durably and atomically: a temporary file beside it (direct
 /// I/O where supported, padded to 4 KiB then cut to length), fsynced, renamed over `path`, and
-/// the folder fsynced. `scratch` is the aligned staging buffer, reused between calls.
+/// the folder fsynced. `scratch` is the aligned staging buffer (up to 4 MiB), reused between
+/// calls.
 pub fn write_file_durably(path: &Path, data: &[u8], scratch: &mut AlignedBuf) -> io::Result<()> {
     let dir = path
         .parent()
@@ -173,25 +196,21 @@ pub fn write_file_durably(path: &Path, data: &[u8], scratch: &mut AlignedBuf) ->
             .custom_flags(libc::O_DIRECT)
             .open(&tmp);
         let wrote_direct = match direct {
-            Ok(f) => {
-                scratch.clear();
-                scratch.put(data);
-                match f.write_all_at(scratch.padded(), 0) {
-                    Ok(()) => {
-                        f.set_len(data.len() as u64)?;
-                        f.sync_all()?;
-                        true
-                    }
-                    Err(e) if is_unsupported(&e) => false,
-                    Err(e) => return Err(e),
+            Ok(f) => match write_direct(&f, data, scratch) {
+                Ok(()) => {
+                    f.sync_all()?;
+                    true
                 }
-            }
+                Err(e) if is_unsupported(&e) => false,
+                Err(e) => return Err(e),
+            },
             Err(e) if is_unsupported(&e) => false,
             Err(e) => return Err(e),
         };
         if !wrote_direct {
             let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
             f.write_all_at(data, 0)?;
+            f.set_len(data.len() as u64)?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, path)?;
@@ -229,6 +248,11 @@ mod tests {
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
         write_file_durably(&path, &data, &mut scratch).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
+        let big: Vec<u8> = (0..(2 * WRITE_PIECE + 5_000) as u32)
+            .map(|i| ((i * 13) >> 3) as u8)
+            .collect();
+        write_file_durably(&path, &big, &mut scratch).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), big, "a file of several pieces");
         write_file_durably(&path, b"short", &mut scratch).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"short");
         let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();

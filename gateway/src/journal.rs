@@ -49,7 +49,7 @@ pub const BLOCK_SIZE: u64 = 64 * 1024;
 /// Checksum value meaning "content unknown, always resend" (after a partial-block write).
 pub const UNKNOWN_CHECKSUM: [u8; 16] = [0xff; 16];
 /// Most bytes the writer folds into one group commit.
-const GROUP_COMMIT_BYTES: usize = 128 << 20;
+const GROUP_COMMIT_BYTES: usize = 32 << 20;
 
 #[derive(Debug, Error)]
 pub enum JournalError {

@@ -68,20 +68,21 @@ impl<T: AsRef<[u8]> + Send + 'static> Drop for Returning<T> {
     }
 }
 
-/// A cleared byte vector with room for `min` bytes, from `pool` when it has one not much larger:
-/// a small batch kept in the hot tail must not pin a buffer many times its size.
+/// A cleared byte vector with room for `min` bytes, from `pool` when it has one that fits and is
+/// not much larger: a small batch kept in the hot tail must not pin a buffer many times its size.
+/// New vectors are rounded up to 1 MiB, so that buffers of about one size fit each other's
+/// contents; a pooled vector is never grown (growth would double it and copy).
 pub fn vec_with_room(pool: &Pool<Vec<u8>>, min: usize) -> Vec<u8> {
     match pool.take() {
-        Some(mut v) if v.capacity() <= min.saturating_mul(4).max(1 << 20) => {
+        Some(mut v) if v.capacity() >= min && v.capacity() <= min.saturating_mul(4).max(1 << 20) => {
             v.clear();
-            v.reserve(min);
             v
         }
         Some(v) => {
             pool.give(v);
-            Vec::with_capacity(min)
+            Vec::with_capacity(min.div_ceil(1 << 20).max(1) << 20)
         }
-        None => Vec::with_capacity(min),
+        None => Vec::with_capacity(min.div_ceil(1 << 20).max(1) << 20),
     }
 }
 
@@ -116,6 +117,16 @@ mod tests {
         assert_eq!(pool.idle(), 1, "the large one stays for a large request");
         assert!(vec_with_room(&pool, 6 << 20).capacity() >= 8 << 20);
         assert_eq!(pool.idle(), 0);
+    }
+
+    #[test]
+    fn a_pooled_buffer_too_small_is_not_grown() {
+        let pool: Arc<Pool<Vec<u8>>> = Pool::new(2);
+        pool.give(Vec::with_capacity(8 << 20));
+        // Growing would double it to 16 MiB; a new buffer is rounded up to 1 MiB instead.
+        let v = vec_with_room(&pool, (8 << 20) + 100);
+        assert_eq!(v.capacity(), 9 << 20);
+        assert_eq!(pool.idle(), 1, "the smaller one stays for a request it fits");
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub struct IngestState {
 }
 
 /// Idle batch bodies kept for reuse (8 MiB each from current agents).
-const IDLE_BODIES: usize = 4;
+const IDLE_BODIES: usize = 2;
 
 /// A registered agent, as the management API lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -2,6 +2,9 @@
 //! Each segment's range and counter are persisted (a plan) before the put; journal entries are
 //! deleted only after the put succeeded. Puts are retried with backoff for as long as it takes:
 //! during a blob-store outage the journal absorbs the writes and ingest is held back when full.
+//! Segments of a disk compress in parallel but become visible in blob storage strictly in sequence
+//! order, so the store always holds a gap-free prefix of each disk's log: whatever happens to the
+//! appliance, a recovery from blob storage alone reaches the last segment put.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -21,7 +24,7 @@ use crate::record::LogRecord;
 use crate::segment;
 
 /// Most raw log bytes in one segment.
-pub const SEGMENT_MAX_BYTES: usize = 32 << 20;
+pub const SEGMENT_MAX_BYTES: usize = 16 << 20;
 /// Compact the emptied journal after this many bytes were uploaded since the last compaction.
 const COMPACT_AFTER_BYTES: u64 = 256 << 20;
 
@@ -109,6 +112,9 @@ pub struct Uploader {
     kek: Key,
     keys: Mutex<HashMap<(u32, u32), Key>>,
     metrics: GatewayMetrics,
+    /// Per disk: the sequence number through which every segment is put. A segment's put waits
+    /// until it reaches the last sequence number of the segment planned before it.
+    put_through: std::sync::Mutex<HashMap<u32, watch::Sender<u64>>>,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -123,7 +129,23 @@ impl Uploader {
             kek,
             keys: Mutex::new(HashMap::new()),
             metrics,
+            put_through: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The put order of `disk`'s segments; starts at what the journal knows is uploaded.
+    fn put_order(&self, disk: &DiskMeta) -> watch::Sender<u64> {
+        let mut orders = self.put_through.lock().expect("lock");
+        let order = orders
+            .entry(disk.id)
+            .or_insert_with(|| watch::Sender::new(disk.uploaded_through));
+        order.send_if_modified(|through| {
+            // Uploads finalised since (or before a restart) count as put.
+            let behind = *through < disk.uploaded_through;
+            *through = (*through).max(disk.uploaded_through);
+            behind
+        });
+        order.clone()
     }
 
     /// Runs until `shutdown` turns true. Each disk keeps up to [`SEGMENTS_IN_FLIGHT`] segments
@@ -223,7 +245,7 @@ impl Uploader {
                 .get(&(disk.id, from))
                 .copied();
             if let Some(plan) = existing {
-                queue.push_back(self.spawn(plan, None, 0));
+                queue.push_back(self.spawn(plan, None, 0, from - 1));
                 continue;
             }
             let committed = self.journal.disk(&disk.machine, &disk.disk).map(|d| d.next_seq - 1);
@@ -243,28 +265,36 @@ impl Uploader {
             let plan = self.journal.plan_segment(id, first, last).await?;
             if plan.first_seq != first || plan.last_seq != last {
                 // A plan already existed (made before a restart): upload that one.
-                queue.push_back(self.spawn(plan, None, 0));
+                queue.push_back(self.spawn(plan, None, 0, from - 1));
                 continue;
             }
-            queue.push_back(self.spawn(plan, Some(records), 0));
+            queue.push_back(self.spawn(plan, Some(records), 0, from - 1));
         }
         Ok(())
     }
 
     /// Puts `plan`'s segment again after a failure, after a backoff.
+    /// The retried segment is the disk's oldest in flight: no put comes before it.
     fn retry(self: &Arc<Self>, plan: SegmentPlan, attempt: u32) -> InFlight {
-        self.spawn(plan, None, attempt)
+        self.spawn(plan, None, attempt, 0)
     }
 
     /// Spawns the work of one segment: read its records (unless given), compress, seal, put.
-    fn spawn(self: &Arc<Self>, plan: SegmentPlan, records: Option<Vec<LogRecord>>, attempt: u32) -> InFlight {
+    /// Its put waits until the disk's segments through seq `after` are put.
+    fn spawn(
+        self: &Arc<Self>,
+        plan: SegmentPlan,
+        records: Option<Vec<LogRecord>>,
+        attempt: u32,
+        after: u64,
+    ) -> InFlight {
         let me = self.clone();
         let task = tokio::spawn(async move {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt - 1)).await;
                 me.metrics.upload_retries.inc();
             }
-            me.stage(plan, records).await
+            me.stage(plan, records, after).await
         });
         InFlight { plan, attempt, task }
     }
@@ -287,7 +317,7 @@ impl Uploader {
     }
 
     /// Compresses, seals and puts the segment of `plan` (durably, for a local folder).
-    async fn stage(&self, plan: SegmentPlan, records: Option<Vec<LogRecord>>) -> anyhow::Result<Staged> {
+    async fn stage(&self, plan: SegmentPlan, records: Option<Vec<LogRecord>>, after: u64) -> anyhow::Result<Staged> {
         let id = plan.disk_id;
         let disk = self
             .journal
@@ -338,7 +368,15 @@ impl Uploader {
         })
         .await??;
         let len = bytes.len();
+        // Only after every earlier segment of the disk is put (they may still be compressing).
+        let order = self.put_order(&disk);
+        order
+            .subscribe()
+            .wait_for(|through| *through >= after)
+            .await
+            .expect("the uploader holds the sender");
         self.blob.put_durable(&path, bytes).await?;
+        order.send_modify(|through| *through = (*through).max(plan.last_seq));
         Ok(Staged {
             len,
             raw,
@@ -383,5 +421,119 @@ impl Uploader {
             "segment uploaded"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::WrappedKey;
+    use crate::journal::prepare;
+    use crate::protocol::IngestRecord;
+    use bytes::Bytes;
+    use futures::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::path::Path as ObjectPath;
+    use object_store::{
+        GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, PutMultipartOptions, PutOptions, PutResult,
+    };
+
+    /// A real in-memory store whose put of a disk's first segment is slow; it records the order
+    /// in which segments become visible.
+    #[derive(Debug, Default)]
+    struct SlowFirstSegment {
+        inner: InMemory,
+        visible: std::sync::Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl std::fmt::Display for SlowFirstSegment {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SlowFirstSegment({})", self.inner)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for SlowFirstSegment {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            let segment = layout::parse_segment_name(location);
+            if segment.is_some_and(|(first, _)| first == 1) {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+            }
+            let r = self.inner.put_opts(location, payload, opts).await?;
+            if let Some(range) = segment {
+                self.visible.lock().unwrap().push(range);
+            }
+            Ok(r)
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(&self, location: &ObjectPath, options: GetOptions) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        async fn delete(&self, location: &ObjectPath) -> object_store::Result<()> {
+            self.inner.delete(location).await
+        }
+        fn list(&self, prefix: Option<&ObjectPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&ObjectPath>) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy(&self, from: &ObjectPath, to: &ObjectPath) -> object_store::Result<()> {
+            self.inner.copy(from, to).await
+        }
+        async fn copy_if_not_exists(&self, from: &ObjectPath, to: &ObjectPath) -> object_store::Result<()> {
+            self.inner.copy_if_not_exists(from, to).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segments_become_visible_in_sequence_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), 1 << 30).unwrap();
+        let disk = journal.register_disk("m", "disk0", 1 << 30, 1).await.unwrap();
+        // 40 MiB: two full segments compress side by side, the first one's put is slow.
+        for batch in 1..=40u64 {
+            let data = Bytes::from(vec![batch as u8; 1 << 20]);
+            let record = prepare(IngestRecord::write("disk0", batch << 20, data), 1 << 30);
+            journal.commit("m", 1, batch, vec![record]).await.unwrap();
+        }
+        let store = Arc::new(SlowFirstSegment::default());
+        let kek = Key::random();
+        let wrapped = WrappedKey::wrap(&kek, &Key::random(), "m", "disk0", disk.key_id);
+        blob::put_wrapped_key(store.as_ref(), &wrapped).await.unwrap();
+        let metrics = GatewayMetrics::new(&prometheus::Registry::new());
+        let uploader = Arc::new(Uploader::new(
+            journal.clone(),
+            BlobStore::new(store.clone(), None),
+            kek,
+            metrics,
+        ));
+        let (stop, stopped) = watch::channel(false);
+        let run = tokio::spawn(uploader.run(stopped));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while journal.cache_used() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the uploader never drained");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send(true).unwrap();
+        run.await.unwrap();
+        let visible = store.visible.lock().unwrap().clone();
+        assert!(visible.len() >= 3, "several segments: {visible:?}");
+        assert_eq!(visible[0].0, 1);
+        for pair in visible.windows(2) {
+            assert_eq!(pair[1].0, pair[0].1 + 1, "put out of order: {visible:?}");
+        }
+        assert_eq!(visible.last().unwrap().1, 40);
     }
 }

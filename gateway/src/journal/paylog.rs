@@ -46,6 +46,8 @@ const HEADER_LEN: usize = 8 + 2 + 8 + 4;
 const FILE_BYTES: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
 /// Reclaimed files kept for recycling.
 const RECYCLE_MAX: usize = 4;
+/// A group's buffered bytes are written out (not synced) in pieces of about this size.
+const FLUSH_BYTES: usize = if cfg!(test) { 16 << 10 } else { 4 << 20 };
 /// The first byte of a pointer value; inline record values start with a record kind (1..=4).
 pub const POINTER_TAG: u8 = 0xFF;
 pub const POINTER_LEN: usize = 1 + 8 + 8 + 4;
@@ -240,8 +242,13 @@ pub struct PayloadLog {
     len: u64,
     /// Per file: the highest sequence number of each disk in it.
     files: BTreeMap<u64, HashMap<u32, u64>>,
-    /// The group being built: appended as one write, then synced.
+    /// The unwritten end of the group being built. Whole 4 KiB blocks are written out as it
+    /// passes [`FLUSH_BYTES`], so a large group needs no buffer of its own size.
     buf: AlignedBuf,
+    /// Bytes of the group being built already written (after `len`, not yet synced).
+    flushed: u64,
+    /// A write of the group being built failed: the group fails when it is synced.
+    write_error: Option<std::io::Error>,
     /// Files are written with direct I/O (groups aligned and padded to 4 KiB).
     direct: bool,
     /// An append failed: the next group starts a new file (the failed one's length is unknown).
@@ -290,6 +297,8 @@ impl PayloadLog {
             len: FILE_BYTES,
             files,
             buf: AlignedBuf::new(),
+            flushed: 0,
+            write_error: None,
             broken: false,
             free: Vec::new(),
         })
@@ -356,7 +365,7 @@ impl PayloadLog {
     /// Only after [`Self::rotate_if_needed`] succeeded ([`Self::ready`]).
     pub fn append(&mut self, disk: u32, record: &LogRecord) -> Pointer {
         assert!(self.ready(), "payload log append without an open file");
-        let start = self.buf.len();
+        let offset = self.len + self.flushed + self.buf.len() as u64;
         let head = record.encode_head();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &record.payload);
         self.buf.reserve(head.len() + record.payload.len() + 4);
@@ -365,30 +374,56 @@ impl PayloadLog {
         self.buf.put(&crc.to_be_bytes());
         let max = self.files.entry(self.no).or_default().entry(disk).or_insert(0);
         *max = (*max).max(record.seq);
+        let len = (self.len + self.flushed + self.buf.len() as u64 - offset) as u32;
+        if self.buf.len() >= FLUSH_BYTES {
+            self.write_out_whole_blocks();
+        }
         Pointer {
             file: self.no,
-            offset: self.len + start as u64,
-            len: (self.buf.len() - start) as u32,
+            offset,
+            len,
+        }
+    }
+
+    /// Writes the group's buffered whole 4 KiB blocks and keeps the rest (less than a block).
+    fn write_out_whole_blocks(&mut self) {
+        let whole = self.buf.len() / ALIGN * ALIGN;
+        if whole == 0 || self.write_error.is_some() {
+            return;
+        }
+        let f = self.file.as_ref().expect("a group appends to an open file");
+        match f.write_all_at(&self.buf.data()[..whole], self.len + self.flushed) {
+            Ok(()) => {
+                self.flushed += whole as u64;
+                self.buf.drop_front(whole);
+            }
+            Err(e) => self.write_error = Some(e),
         }
     }
 
     /// Writes and syncs the group's payloads (before the journal batch that points at them).
     pub fn sync_group(&mut self) -> Result<(), JournalError> {
-        if self.buf.is_empty() {
+        if self.buf.is_empty() && self.flushed == 0 && self.write_error.is_none() {
             return Ok(());
         }
         let path = self.dir.join(file_name(self.no));
         let f = self.file.as_ref().expect("a group appends to an open file");
         // With direct I/O the group is padded to 4 KiB, so the next one starts aligned.
-        let group = if self.direct {
+        let tail = if self.direct {
             self.buf.padded()
         } else {
             self.buf.data()
         };
-        let n = group.len() as u64;
-        let r = f.write_all_at(group, self.len).and_then(|_| f.sync_data());
+        let n = self.flushed + tail.len() as u64;
+        let r = match self.write_error.take() {
+            Some(e) => Err(e),
+            None => f
+                .write_all_at(tail, self.len + self.flushed)
+                .and_then(|_| f.sync_data()),
+        };
         // Keep the buffer's memory for the next group: no fresh pages to fault in and zero.
         self.buf.clear();
+        self.flushed = 0;
         match r {
             Ok(()) => {
                 self.len += n;
@@ -647,6 +682,34 @@ mod tests {
         assert_eq!(from_log, from_memory);
         assert_eq!(from_log[2].payload.len(), 4096 * 3 + 1);
         assert!(from_log[1].payload.iter().all(|b| *b == 2));
+    }
+
+    #[tokio::test]
+    async fn a_group_larger_than_the_flush_size_is_written_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        j.register_disk("m", "disk0", 64 << 20, 1).await.unwrap();
+        // One group of odd-sized records, several times the (test) flush size: records straddle
+        // the pieces written before the group's sync.
+        let lens: Vec<usize> = (0..12).map(|i| 4096 + i * 3001).collect();
+        assert!(lens.iter().sum::<usize>() > 4 * FLUSH_BYTES);
+        let recs = lens
+            .iter()
+            .enumerate()
+            .map(|(i, len)| write(i as u64 * 65536, i as u8 + 1, *len))
+            .collect();
+        j.commit("m", 1, 1, recs).await.unwrap();
+        j.commit("m", 1, 2, vec![write(0, 0xee, 7000)]).await.unwrap();
+        let d = j.disk("m", "disk0").unwrap();
+        drop(j);
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        let back = j.read_records(d.id, 1, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(back.len(), 13);
+        for (i, len) in lens.iter().enumerate() {
+            assert_eq!(back[i].payload.len(), *len);
+            assert!(back[i].payload.iter().all(|b| *b == i as u8 + 1), "record {i}");
+        }
+        assert!(back[12].payload.iter().all(|b| *b == 0xee), "the next group follows");
     }
 
     #[tokio::test]
