@@ -370,9 +370,11 @@ impl Agent {
             });
         }
         // A blocking thread reads and diffs the disk; batches flow back over a bounded channel.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Bytes, u64, u64, u64)>(IN_FLIGHT);
+        // One body waits while IN_FLIGHT are sent: the scanner keeps the senders fed, and the
+        // bodies alive at once (each faulted in once, then reused) stay few.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Bytes, u64, u64, u64)>(1);
         // Acked bodies go back to the scanner to be filled again: no fresh pages per batch.
-        let (free_tx, free_rx) = crossbeam_channel::bounded::<bytes::BytesMut>(IN_FLIGHT * 2 + 2);
+        let (free_tx, free_rx) = crossbeam_channel::bounded::<bytes::BytesMut>(IN_FLIGHT + 2);
         let name = spec.name.clone();
         let path = spec.path.display().to_string();
         // Chunks not in the page cache are read directly (where the disk allows): no copy
