@@ -168,6 +168,17 @@ pub struct PreparedRecord {
     pub record: IngestRecord,
     /// `(block, checksum)`; `None` deletes the entry (the block is now zeros).
     pub checksums: Vec<(u64, Option<[u8; 16]>)>,
+    /// The payload's CRC32C where already verified (by the batch decoder): the payload log's
+    /// record checksum is then combined from it, with no second pass over the payload.
+    pub payload_crc: Option<u32>,
+}
+
+impl PreparedRecord {
+    /// Records the payload's verified CRC32C.
+    pub fn with_payload_crc(mut self, crc: u32) -> Self {
+        self.payload_crc = Some(crc);
+        self
+    }
 }
 
 /// Computes the checksum-table changes of a record: whole blocks get their BLAKE3 prefix (or
@@ -209,7 +220,11 @@ pub fn prepare_with_sums(record: IngestRecord, disk_size: u64, sums: Option<&[u8
             checksums.push((block, value));
         }
     }
-    PreparedRecord { record, checksums }
+    PreparedRecord {
+        record,
+        checksums,
+        payload_crc: None,
+    }
 }
 
 /// Whether `data` is all zero bytes. ORs 4 KiB at a time, which the compiler vectorises, where a
@@ -1259,7 +1274,7 @@ impl Writer {
                         payload: p.record.payload,
                     };
                     if rec.payload.len() >= paylog::MIN_PAYLOAD {
-                        let ptr = self.log.borrow_mut().append(id, &rec);
+                        let ptr = self.log.borrow_mut().append(id, &rec, p.payload_crc);
                         added += ptr.len as u64;
                         g.wb.put_cf(journal, journal_key(id, seq), ptr.encode());
                         g.hot.push((id, rec));

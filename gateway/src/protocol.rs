@@ -322,12 +322,13 @@ fn need(buf: &Bytes, at: usize, n: usize) -> Result<(), FrameError> {
 
 /// Decodes and verifies a batch body. Payloads share the body's memory (no copy).
 pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
-    Ok(decode_batch_with_sums(body)?.into_iter().map(|(r, _)| r).collect())
+    Ok(decode_batch_with_sums(body)?.into_iter().map(|(r, _, _)| r).collect())
 }
 
 /// Like [`decode_batch`], also returning each write's block checksums when the agent sent them
-/// (version 2): 16 bytes per block in [`blocks_touched`], sharing the body's memory.
-pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<Bytes>)>, FrameError> {
+/// (version 2): 16 bytes per block in [`blocks_touched`], sharing the body's memory; and each
+/// record's payload CRC32C, verified, so that the payload log need not read the payload again.
+pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<Bytes>, u32)>, FrameError> {
     if body.len() > MAX_BATCH_BYTES {
         return Err(FrameError::TooLarge(body.len()));
     }
@@ -438,6 +439,7 @@ pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<B
                 payload,
             },
             sums,
+            payload_crc,
         ));
         index += 1;
     }

@@ -692,9 +692,9 @@ async fn batch(
         let records = protocol::decode_batch_with_sums(body)?;
         Ok(records
             .into_iter()
-            .map(|(r, sums)| {
+            .map(|(r, sums, crc)| {
                 let size = j.disk(&m, &r.disk).map(|d| d.size).unwrap_or(0);
-                journal::prepare_with_sums(r, size, sums.as_deref())
+                journal::prepare_with_sums(r, size, sums.as_deref()).with_payload_crc(crc)
             })
             .collect::<Vec<_>>())
     })

@@ -362,12 +362,17 @@ impl PayloadLog {
     }
 
     /// Adds a record of `disk` to the group; returns the pointer to store in the journal.
+    /// `payload_crc` is the payload's CRC32C when the caller verified it already.
     /// Only after [`Self::rotate_if_needed`] succeeded ([`Self::ready`]).
-    pub fn append(&mut self, disk: u32, record: &LogRecord) -> Pointer {
+    pub fn append(&mut self, disk: u32, record: &LogRecord, payload_crc: Option<u32>) -> Pointer {
         assert!(self.ready(), "payload log append without an open file");
         let offset = self.len + self.flushed + self.buf.len() as u64;
         let head = record.encode_head();
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &record.payload);
+        debug_assert!(payload_crc.is_none_or(|c| c == crc32c::crc32c(&record.payload)));
+        let crc = match payload_crc {
+            Some(c) => crc32c::crc32c_combine(crc32c::crc32c(&head), c, record.payload.len()),
+            None => crc32c::crc32c_append(crc32c::crc32c(&head), &record.payload),
+        };
         self.buf.reserve(head.len() + record.payload.len() + 4);
         self.buf.put(&head);
         self.buf.put(&record.payload);
@@ -693,10 +698,20 @@ mod tests {
         // the pieces written before the group's sync.
         let lens: Vec<usize> = (0..12).map(|i| 4096 + i * 3001).collect();
         assert!(lens.iter().sum::<usize>() > 4 * FLUSH_BYTES);
+        // Every other record comes with its payload CRC (as from the batch decoder): the record
+        // checksum combined from it must be the one a read checks.
         let recs = lens
             .iter()
             .enumerate()
-            .map(|(i, len)| write(i as u64 * 65536, i as u8 + 1, *len))
+            .map(|(i, len)| {
+                let r = write(i as u64 * 65536, i as u8 + 1, *len);
+                if i % 2 == 0 {
+                    let crc = crc32c::crc32c(&r.record.payload);
+                    r.with_payload_crc(crc)
+                } else {
+                    r
+                }
+            })
             .collect();
         j.commit("m", 1, 1, recs).await.unwrap();
         j.commit("m", 1, 2, vec![write(0, 0xee, 7000)]).await.unwrap();
