@@ -210,7 +210,6 @@ pub fn write_file_durably(path: &Path, data: &[u8], scratch: &mut AlignedBuf) ->
         if !wrote_direct {
             let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
             f.write_all_at(data, 0)?;
-            f.set_len(data.len() as u64)?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, path)?;

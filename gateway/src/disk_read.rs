@@ -60,7 +60,7 @@ pub fn fully_cached(file: &File, offset: u64, len: u64) -> Option<bool> {
     Some(stat.nr_cache >= len.div_ceil(4096))
 }
 
-/// How a chunk was read, for the tests and the agent's summary.
+/// How a chunk was read (the tests check that the page-cache test chose the right path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadPath {
     Cached,

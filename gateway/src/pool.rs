@@ -1,5 +1,5 @@
-//! Recycled buffers for the data path's large, short-lived allocations: batch bodies and payload
-//! log read-backs. A buffer handed out as [`Bytes`] comes back when its last slice is dropped,
+//! Recycled buffers for the data path's large, short-lived allocations: batch bodies, payload
+//! log read-backs, sealed segments and the aligned staging of local puts. A buffer handed out as [`Bytes`] comes back when its last slice is dropped,
 //! so the next batch reuses memory that is already mapped; a freshly faulted page costs this
 //! kind of VM about 4 s of kernel time per GiB to zero, more than compressing it.
 
