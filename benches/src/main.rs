@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
 use anyhow::{bail, Context};
 use clap::Parser;
 
@@ -244,17 +242,19 @@ fn zstd_run(corpus: &Path) -> anyhow::Result<(Duration, Vec<u8>)> {
     Ok((started.elapsed(), out))
 }
 
-/// AES-256-GCM over `data` in 1 MiB chunks on one core.
+/// AES-256-GCM over `data` in 1 MiB chunks on one core, with the cipher the pipeline seals
+/// chunks with (ring's).
 fn aes_run(data: &mut [u8]) -> Duration {
-    let cipher = Aes256Gcm::new_from_slice(&[7u8; 32]).expect("key");
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let cipher = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).expect("key"));
     let started = Instant::now();
     for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&(i as u64).to_be_bytes());
         let tag = cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", chunk)
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), chunk)
             .expect("seal");
-        std::hint::black_box(tag);
+        let _ = std::hint::black_box(tag);
     }
     started.elapsed()
 }

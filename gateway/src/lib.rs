@@ -23,6 +23,7 @@ pub mod agent;
 pub mod blob;
 pub mod catalog;
 pub mod consistency;
+pub mod crc;
 pub mod crypto;
 pub mod direct_io;
 pub mod disk_read;

@@ -255,7 +255,7 @@ impl BatchBuilder {
         // Body CRC: the bytes up to the payload, then the payload by combining its CRC.
         debug_assert!(self.crc_len <= w.header_at);
         self.add_crc(w.payload_at);
-        self.crc = crc32c::crc32c_combine(self.crc, w.payload_crc, len as usize);
+        self.crc = crate::crc::combine(self.crc, w.payload_crc, len as usize);
         self.crc_len = self.buf.len();
         self.buf.put_u32((w.sums.len() / 16) as u32);
         self.buf.put_slice(&w.sums);
@@ -281,7 +281,7 @@ impl BatchBuilder {
         self.add_crc(end);
         self.buf[8..12].copy_from_slice(&self.count.to_be_bytes());
         let head = crc32c::crc32c(&self.buf[..BATCH_HEADER_LEN]);
-        let crc = crc32c::crc32c_combine(head, self.crc, end - BATCH_HEADER_LEN);
+        let crc = crate::crc::combine(head, self.crc, end - BATCH_HEADER_LEN);
         self.buf.put_u32(crc);
         self.buf.freeze()
     }
@@ -393,7 +393,7 @@ pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<B
         // The body CRC over this record: its header bytes, then the payload's CRC combined.
         let header_end = total - buf.remaining() - payload_len;
         body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..header_end]);
-        body_crc = crc32c::crc32c_combine(body_crc, payload_crc, payload_len);
+        body_crc = crate::crc::combine(body_crc, payload_crc, payload_len);
         crc_at = header_end + payload_len;
         let sums = if version >= 2 && kind == RecordKind::Write {
             need(&buf, total - buf.remaining(), 4 + 4)?;

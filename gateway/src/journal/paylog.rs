@@ -370,7 +370,7 @@ impl PayloadLog {
         let head = record.encode_head();
         debug_assert!(payload_crc.is_none_or(|c| c == crc32c::crc32c(&record.payload)));
         let crc = match payload_crc {
-            Some(c) => crc32c::crc32c_combine(crc32c::crc32c(&head), c, record.payload.len()),
+            Some(c) => crate::crc::combine(crc32c::crc32c(&head), c, record.payload.len()),
             None => crc32c::crc32c_append(crc32c::crc32c(&head), &record.payload),
         };
         self.buf.reserve(head.len() + record.payload.len() + 4);
