@@ -582,6 +582,36 @@ impl Journal {
         .await
     }
 
+    /// Plans consecutive segments of a disk, `spans` in order (`(first_seq, last_seq)` each), in
+    /// one round trip: the commands are queued together, so they usually share one group commit
+    /// instead of waiting for one each. Returns the plans made before the first failure, and it.
+    pub async fn plan_segments(&self, disk_id: u32, spans: &[(u64, u64)]) -> (Vec<SegmentPlan>, Option<JournalError>) {
+        let mut replies = Vec::with_capacity(spans.len());
+        for &(first_seq, last_seq) in spans {
+            let (reply, rx) = oneshot::channel();
+            let cmd = Command::PlanSegment {
+                disk_id,
+                first_seq,
+                last_seq,
+                reply,
+            };
+            if self.tx.send(cmd).is_err() {
+                break;
+            }
+            replies.push(rx);
+        }
+        let mut plans = Vec::with_capacity(replies.len());
+        for rx in replies {
+            match rx.await {
+                Ok(Ok(p)) => plans.push(p),
+                Ok(Err(e)) => return (plans, Some(e)),
+                Err(_) => return (plans, Some(JournalError::Stopped)),
+            }
+        }
+        let stopped = (plans.len() < spans.len()).then_some(JournalError::Stopped);
+        (plans, stopped)
+    }
+
     /// Reserves `n` segment counters (nonce prefixes) of a disk for segments written outside the
     /// upload path (retention's base image); returns the disk's current key id and the first
     /// counter. The reservation is synced before the answer, so a counter is never handed out twice.
@@ -704,6 +734,48 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+
+    /// The run of journal records of a disk from `first` that [`Journal::read_records`] would
+    /// return for `max_bytes`, as `(first seq, last seq, bytes counted against max_bytes)` (a
+    /// payload, with its log header when it lies in the payload log), from the journal's
+    /// keys and payload pointers alone: the uploader plans a segment with it and leaves reading
+    /// the payloads to the segment's own task (blocking read). `None` when nothing is there.
+    pub fn span_records(
+        &self,
+        disk_id: u32,
+        first: u64,
+        max_bytes: usize,
+    ) -> Result<Option<(u64, u64, usize)>, JournalError> {
+        let cf = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
+        let start = journal_key(disk_id, first);
+        let mut span: Option<(u64, u64, usize)> = None;
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item?;
+            if k[..4] != disk_id.to_be_bytes() {
+                break;
+            }
+            let seq = u64::from_be_bytes(k[4..12].try_into().expect("8"));
+            let corrupt = |e: String| JournalError::Corrupt(format!("disk {disk_id} seq {seq}: {e}"));
+            // Counted as read_records counts: a hot record by its payload, a logged one by its
+            // place in the log.
+            let len = match paylog::Pointer::decode(&v) {
+                Some(p) => match self.state.hot.get(disk_id, seq) {
+                    Some(r) => r.payload.len(),
+                    None => p.map_err(|e| corrupt(e.to_string()))?.len as usize,
+                },
+                None => LogRecord::from_journal_value(&v)
+                    .map_err(|e| corrupt(e.to_string()))?
+                    .payload
+                    .len(),
+            };
+            let (from, _, bytes) = span.unwrap_or((seq, seq, 0));
+            span = Some((from, seq, bytes + len));
+            if bytes + len >= max_bytes {
+                break;
+            }
+        }
+        Ok(span)
     }
 
     /// Reads journal records of a disk with `seq` in `[first, last]`, stopping early once
@@ -1049,7 +1121,7 @@ impl Writer {
                     last_seq,
                     reply,
                 } => {
-                    let r = self.plan(&mut g, disk_id, first_seq, last_seq);
+                    let r = self.plan(&mut g, &new_plans, disk_id, first_seq, last_seq);
                     if let Ok(p) = &r {
                         new_plans.push(*p);
                     }
@@ -1465,12 +1537,25 @@ impl Writer {
         Ok(disk)
     }
 
-    fn plan(&self, g: &mut Group, disk_id: u32, first_seq: u64, last_seq: u64) -> Result<SegmentPlan, JournalError> {
+    /// Plans the segment `first_seq..=last_seq` of a disk. `group_plans` are the plans made
+    /// earlier in the same group (not yet in `state.plans`), so several plans can be made in one
+    /// commit.
+    fn plan(
+        &self,
+        g: &mut Group,
+        group_plans: &[SegmentPlan],
+        disk_id: u32,
+        first_seq: u64,
+        last_seq: u64,
+    ) -> Result<SegmentPlan, JournalError> {
         let meta = self.db.cf_handle(CF_META).expect("meta cf");
         // A plan that already covers `first_seq` (made before a restart) is the one to upload.
         let planned_through = {
             let plans = self.state.plans.read().expect("lock");
-            let mine = plans.range((disk_id, 0)..=(disk_id, u64::MAX)).map(|(_, p)| p);
+            let mine = plans
+                .range((disk_id, 0)..=(disk_id, u64::MAX))
+                .map(|(_, p)| p)
+                .chain(group_plans.iter().filter(|p| p.disk_id == disk_id));
             if let Some(p) = mine
                 .clone()
                 .find(|p| p.first_seq <= first_seq && first_seq <= p.last_seq)
@@ -1572,6 +1657,63 @@ mod tests {
         assert!(j.db().get_cf(meta, plan_key(d.id, 2)).unwrap().is_some());
         assert!(j.db().get_cf(meta, format!("plan/{:08x}", d.id)).unwrap().is_none());
         assert_eq!(j.read_records(d.id, 2, 3, usize::MAX).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn plans_made_together_follow_one_another_and_spans_match_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        let d = j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
+        for batch in 1..=6u64 {
+            let rec = prepare(
+                IngestRecord::write("disk0", batch * 8192, Bytes::from(vec![batch as u8; 8192])),
+                1 << 20,
+            );
+            j.commit("m", 1, batch, vec![rec]).await.unwrap();
+        }
+        // A span is what read_records gives for the same budget, from pointers alone.
+        for (from, budget) in [(1u64, 8192usize), (1, 8193), (2, 3 * 8192), (5, usize::MAX)] {
+            let (first, last, bytes) = j.span_records(d.id, from, budget).unwrap().unwrap();
+            let read = j.read_records(d.id, from, u64::MAX, budget).unwrap();
+            assert_eq!(
+                (first, last),
+                (read[0].seq, read[read.len() - 1].seq),
+                "from {from}, budget {budget}"
+            );
+            // Logged records count with their log headers, as read_records counts them.
+            let payload: usize = read.iter().map(|r| r.payload.len()).sum();
+            assert!(
+                bytes >= payload && bytes < payload + 64 * read.len(),
+                "{bytes} for {payload}"
+            );
+        }
+        assert!(
+            j.span_records(d.id, 7, 1).unwrap().is_none(),
+            "nothing past the last record"
+        );
+        // Three plans queued together: consecutive, each its own counter, all durable.
+        let (plans, err) = j.plan_segments(d.id, &[(1, 2), (3, 3), (4, 6)]).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(
+            plans.iter().map(|p| (p.first_seq, p.last_seq)).collect::<Vec<_>>(),
+            vec![(1, 2), (3, 3), (4, 6)]
+        );
+        let counters: std::collections::HashSet<u64> = plans.iter().map(|p| p.counter).collect();
+        assert_eq!(counters.len(), 3, "no nonce counter handed out twice");
+        // An existing plan comes back as it is; a span past the last record is refused.
+        let (more, err) = j.plan_segments(d.id, &[(1, 2), (7, 7)]).await;
+        assert_eq!(more, vec![plans[0]]);
+        assert!(err.is_some(), "a plan of records not committed is refused");
+        drop(j);
+        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+        let stored = j.state.plans.read().unwrap().clone();
+        for p in &plans {
+            assert_eq!(
+                stored.get(&(d.id, p.first_seq)),
+                Some(p),
+                "plan {p:?} survives a reopen"
+            );
+        }
     }
 
     fn payload(b: &[u8]) -> Bytes {

@@ -18,7 +18,7 @@ use crate::blob::{self, layout};
 use crate::catalog;
 use crate::crypto::Key;
 use crate::direct_io::{self, AlignedBuf};
-use crate::journal::{DiskMeta, Journal, SegmentPlan};
+use crate::journal::{DiskMeta, Journal, JournalError, SegmentPlan};
 use crate::metrics::GatewayMetrics;
 use crate::record::LogRecord;
 use crate::segment;
@@ -78,7 +78,7 @@ impl BlobStore {
 }
 
 /// Segments of one disk in flight at once: while one is put and synced, the next ones compress.
-pub const SEGMENTS_IN_FLIGHT: usize = 3;
+pub const SEGMENTS_IN_FLIGHT: usize = 6;
 
 /// A segment put to blob storage, waiting for the segments before it to be finalised.
 struct Staged {
@@ -234,8 +234,10 @@ impl Uploader {
     /// previous run, then new ones. A segment short of [`SEGMENT_MAX_BYTES`] starts only when
     /// nothing else of the disk is in flight, so a steady stream makes full segments.
     async fn start_segments(self: &Arc<Self>, disk: &DiskMeta, queue: &mut VecDeque<InFlight>) -> anyhow::Result<()> {
+        let next_from =
+            |queue: &VecDeque<InFlight>| queue.back().map(|f| f.plan.last_seq).unwrap_or(disk.uploaded_through) + 1;
         while queue.len() < SEGMENTS_IN_FLIGHT {
-            let from = queue.back().map(|f| f.plan.last_seq).unwrap_or(disk.uploaded_through) + 1;
+            let from = next_from(queue);
             let existing = self
                 .journal
                 .state
@@ -244,57 +246,71 @@ impl Uploader {
                 .expect("lock")
                 .get(&(disk.id, from))
                 .copied();
-            if let Some(plan) = existing {
-                queue.push_back(self.spawn(plan, None, 0, from - 1));
-                continue;
-            }
-            let committed = self.journal.disk(&disk.machine, &disk.disk).map(|d| d.next_seq - 1);
-            if committed.is_none_or(|c| c < from) {
-                return Ok(());
-            }
-            let in_flight: u64 = queue.iter().map(|f| f.plan.last_seq - f.plan.first_seq + 1).sum();
-            let (journal, id) = (self.journal.clone(), disk.id);
-            let records =
-                tokio::task::spawn_blocking(move || journal.read_records(id, from, u64::MAX, SEGMENT_MAX_BYTES))
-                    .await??;
-            let raw: usize = records.iter().map(|r| r.payload.len()).sum();
-            if records.is_empty() || (in_flight > 0 && raw < SEGMENT_MAX_BYTES) {
-                return Ok(());
-            }
-            let (first, last) = (records[0].seq, records[records.len() - 1].seq);
-            let plan = self.journal.plan_segment(id, first, last).await?;
-            if plan.first_seq != first || plan.last_seq != last {
-                // A plan already existed (made before a restart): upload that one.
-                queue.push_back(self.spawn(plan, None, 0, from - 1));
-                continue;
-            }
-            queue.push_back(self.spawn(plan, Some(records), 0, from - 1));
+            let Some(plan) = existing else { break };
+            queue.push_back(self.spawn(plan, 0, from - 1));
         }
-        Ok(())
+        let free = SEGMENTS_IN_FLIGHT - queue.len();
+        let from = next_from(queue);
+        let committed = self.journal.disk(&disk.machine, &disk.disk).map(|d| d.next_seq - 1);
+        if free == 0 || committed.is_none_or(|c| c < from) {
+            return Ok(());
+        }
+        // Spans from the journal's pointers only: each segment's task reads its payloads, so
+        // reading one segment's records (from the log, past the hot tail) overlaps with
+        // compressing the others instead of holding up this loop.
+        let (journal, id, busy) = (self.journal.clone(), disk.id, !queue.is_empty());
+        let spans = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, u64)>, JournalError> {
+            let mut spans = Vec::new();
+            let mut from = from;
+            while spans.len() < free {
+                let Some((first, last, raw)) = journal.span_records(id, from, SEGMENT_MAX_BYTES)? else {
+                    break;
+                };
+                if (busy || !spans.is_empty()) && raw < SEGMENT_MAX_BYTES {
+                    break;
+                }
+                spans.push((first, last));
+                from = last + 1;
+            }
+            Ok(spans)
+        })
+        .await??;
+        if spans.is_empty() {
+            return Ok(());
+        }
+        // All in one round trip to the journal writer (usually one group commit, not one each).
+        // A plan made before a restart may differ from its span: the journal returns that one,
+        // and it is what gets uploaded; planning goes on at the next call.
+        let (plans, err) = self.journal.plan_segments(id, &spans).await;
+        for plan in plans {
+            let from = next_from(queue);
+            if plan.first_seq != from {
+                break;
+            }
+            queue.push_back(self.spawn(plan, 0, from - 1));
+        }
+        match err {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
     /// Puts `plan`'s segment again after a failure, after a backoff.
     /// The retried segment is the disk's oldest in flight: no put comes before it.
     fn retry(self: &Arc<Self>, plan: SegmentPlan, attempt: u32) -> InFlight {
-        self.spawn(plan, None, attempt, 0)
+        self.spawn(plan, attempt, 0)
     }
 
-    /// Spawns the work of one segment: read its records (unless given), compress, seal, put.
-    /// Its put waits until the disk's segments through seq `after` are put.
-    fn spawn(
-        self: &Arc<Self>,
-        plan: SegmentPlan,
-        records: Option<Vec<LogRecord>>,
-        attempt: u32,
-        after: u64,
-    ) -> InFlight {
+    /// Spawns the work of one segment: read its records, compress, seal, put. Its put waits
+    /// until the disk's segments through seq `after` are put.
+    fn spawn(self: &Arc<Self>, plan: SegmentPlan, attempt: u32, after: u64) -> InFlight {
         let me = self.clone();
         let task = tokio::spawn(async move {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt - 1)).await;
                 me.metrics.upload_retries.inc();
             }
-            me.stage(plan, records, after).await
+            me.stage(plan, after).await
         });
         InFlight { plan, attempt, task }
     }
@@ -316,8 +332,8 @@ impl Uploader {
         Ok(k)
     }
 
-    /// Compresses, seals and puts the segment of `plan` (durably, for a local folder).
-    async fn stage(&self, plan: SegmentPlan, records: Option<Vec<LogRecord>>, after: u64) -> anyhow::Result<Staged> {
+    /// Reads, compresses, seals and puts the segment of `plan` (durably, for a local folder).
+    async fn stage(&self, plan: SegmentPlan, after: u64) -> anyhow::Result<Staged> {
         let id = plan.disk_id;
         let disk = self
             .journal
@@ -325,14 +341,10 @@ impl Uploader {
             .into_iter()
             .find(|d| d.id == id)
             .ok_or_else(|| anyhow::anyhow!("segment of unknown disk {id}"))?;
-        let records = match records {
-            Some(r) => r,
-            None => {
-                let journal = self.journal.clone();
-                tokio::task::spawn_blocking(move || journal.read_records(id, plan.first_seq, plan.last_seq, usize::MAX))
-                    .await??
-            }
-        };
+        let journal = self.journal.clone();
+        let records =
+            tokio::task::spawn_blocking(move || journal.read_records(id, plan.first_seq, plan.last_seq, usize::MAX))
+                .await??;
         let expected = plan.last_seq - plan.first_seq + 1;
         if records.len() as u64 != expected || records.first().map(|r| r.seq) != Some(plan.first_seq) {
             anyhow::bail!(
