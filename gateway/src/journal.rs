@@ -625,6 +625,29 @@ impl Journal {
         self.call(|reply| Command::Uploaded { plan, bytes, reply }).await
     }
 
+    /// [`Journal::segment_uploaded`] for consecutive segments (`(plan, bytes)` each, in order) in
+    /// one round trip: the commands are queued together and usually share one group commit.
+    /// Returns how many succeeded (a prefix) and the error that stopped the rest.
+    pub async fn segments_uploaded(&self, done: &[(SegmentPlan, u64)]) -> (usize, Option<JournalError>) {
+        let mut replies = Vec::with_capacity(done.len());
+        for &(plan, bytes) in done {
+            let (reply, rx) = oneshot::channel();
+            if self.tx.send(Command::Uploaded { plan, bytes, reply }).is_err() {
+                break;
+            }
+            replies.push(rx);
+        }
+        let mut ok = 0;
+        for rx in replies {
+            match rx.await {
+                Ok(Ok(())) => ok += 1,
+                Ok(Err(e)) => return (ok, Some(e)),
+                Err(_) => return (ok, Some(JournalError::Stopped)),
+            }
+        }
+        (ok, (ok < done.len()).then_some(JournalError::Stopped))
+    }
+
     /// Cuts one recovery point shared by `machines` (a replication group's members), at one
     /// position of the serial log order: every write acked before it is in it on every member,
     /// none acked after. Machines without disks get no point. `kind` is CrashPoint or Bookmark.

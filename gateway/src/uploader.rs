@@ -212,11 +212,42 @@ impl Uploader {
                 Err(e) => Err(anyhow::anyhow!("upload task: {e}")),
             };
             match (staged, disk) {
-                (Ok(staged), _) => {
-                    if let Err(e) = self.finish(flight.plan, staged).await {
+                (Ok(staged), disk) => {
+                    // The segments after it that are put already finish with it: one round trip
+                    // to the journal writer (whose group commits ingest shares) for all of them.
+                    let mut done = vec![(flight, staged)];
+                    let mut failed = None;
+                    while queue.front().is_some_and(|f| f.task.is_finished()) {
+                        let mut next = queue.pop_front().expect("front");
+                        match (&mut next.task).await {
+                            Ok(Ok(staged)) => done.push((next, staged)),
+                            Ok(Err(e)) => {
+                                failed = Some((next, e));
+                                break;
+                            }
+                            Err(e) => {
+                                failed = Some((next, anyhow::anyhow!("upload task: {e}")));
+                                break;
+                            }
+                        }
+                    }
+                    let mut retry = Vec::new();
+                    let plans: Vec<(SegmentPlan, u32)> = done.iter().map(|(f, _)| (f.plan, f.attempt)).collect();
+                    let (finished, err) = self.finish(done.into_iter().map(|(f, s)| (f.plan, s)).collect()).await;
+                    if let Some(e) = err {
                         tracing::warn!(error = %e, "finishing a segment failed; putting it again");
                         self.metrics.upload_errors.inc();
-                        queue.push_front(self.retry(flight.plan, flight.attempt + 1));
+                        retry.extend(plans[finished..].iter().copied());
+                    }
+                    if let Some((f, e)) = failed {
+                        self.metrics.upload_errors.inc();
+                        let (machine, name) = disk.map(|d| (d.machine, d.disk)).unwrap_or_default();
+                        tracing::warn!(%machine, disk = %name, error = %e, retry_in = ?backoff(f.attempt), "segment upload failed; the journal keeps the data");
+                        retry.push((f.plan, f.attempt));
+                    }
+                    // Back at the front of the queue, in sequence order.
+                    for (plan, attempt) in retry.into_iter().rev() {
+                        queue.push_front(self.retry(plan, attempt + 1));
                     }
                 }
                 (Err(e), disk) => {
@@ -399,40 +430,67 @@ impl Uploader {
         })
     }
 
-    /// Catalogues a put segment and lets the journal drop its records (in sequence order).
-    async fn finish(&self, plan: SegmentPlan, staged: Staged) -> anyhow::Result<()> {
-        let Staged {
-            len,
-            raw,
-            journal_bytes,
-            entry,
-            records,
-            positions,
-        } = staged;
-        // The catalogue learns of the segment before the journal lets go of its records; both
-        // writes share the WAL, so the synced journal update below makes this one durable too.
+    /// Catalogues put segments of one disk (consecutive, in sequence order) and lets the journal
+    /// drop their records, in one round trip to the journal writer. Returns how many were
+    /// finished (a prefix) and the error that stopped the rest, which are to be put again.
+    async fn finish(&self, done: Vec<(SegmentPlan, Staged)>) -> (usize, Option<anyhow::Error>) {
+        let n = done.len();
+        let summary: Vec<(SegmentPlan, u64, usize, usize)> = done
+            .iter()
+            .map(|(plan, s)| (*plan, s.journal_bytes, s.len, s.raw))
+            .collect();
+        // The catalogue learns of each segment before the journal lets go of its records; both
+        // writes share the WAL, so the synced journal update below makes these durable too.
         let db = self.journal.db().clone();
-        let id = plan.disk_id;
-        tokio::task::spawn_blocking(move || {
-            let mut wb = rocksdb::WriteBatch::default();
-            catalog::index_segment_at(&db, &mut wb, id, entry.first_seq, &entry, &records, &positions);
-            db.write(wb)
+        let catalogued = tokio::task::spawn_blocking(move || -> (usize, Option<rocksdb::Error>) {
+            for (i, (plan, staged)) in done.into_iter().enumerate() {
+                let Staged {
+                    entry,
+                    records,
+                    positions,
+                    ..
+                } = staged;
+                let mut wb = rocksdb::WriteBatch::default();
+                catalog::index_segment_at(
+                    &db,
+                    &mut wb,
+                    plan.disk_id,
+                    entry.first_seq,
+                    &entry,
+                    &records,
+                    &positions,
+                );
+                if let Err(e) = db.write(wb) {
+                    return (i, Some(e));
+                }
+            }
+            (n, None)
         })
-        .await??;
-        self.journal.segment_uploaded(plan, journal_bytes).await?;
-        self.metrics.uploaded_bytes.inc_by(len as u64);
-        self.metrics.compressed_in_bytes.inc_by(raw as u64);
-        self.metrics.segments_uploaded.inc();
-        self.metrics.record_drained(journal_bytes);
+        .await;
+        let (catalogued, mut err) = match catalogued {
+            Ok((k, e)) => (k, e.map(anyhow::Error::from)),
+            Err(e) => (0, Some(anyhow::anyhow!("catalogue task: {e}"))),
+        };
+        let uploads: Vec<(SegmentPlan, u64)> = summary[..catalogued].iter().map(|s| (s.0, s.1)).collect();
+        let (finished, journal_err) = self.journal.segments_uploaded(&uploads).await;
+        if let Some(e) = journal_err {
+            err = Some(e.into());
+        }
+        for &(plan, journal_bytes, len, raw) in &summary[..finished] {
+            self.metrics.uploaded_bytes.inc_by(len as u64);
+            self.metrics.compressed_in_bytes.inc_by(raw as u64);
+            self.metrics.segments_uploaded.inc();
+            self.metrics.record_drained(journal_bytes);
+            tracing::debug!(
+                first_seq = plan.first_seq,
+                last_seq = plan.last_seq,
+                bytes = len,
+                raw,
+                "segment uploaded"
+            );
+        }
         self.metrics.cache_used_bytes.set(self.journal.cache_used() as i64);
-        tracing::debug!(
-            first_seq = plan.first_seq,
-            last_seq = plan.last_seq,
-            bytes = len,
-            raw,
-            "segment uploaded"
-        );
-        Ok(())
+        (finished, err)
     }
 }
 
