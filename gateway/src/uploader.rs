@@ -326,8 +326,9 @@ impl Uploader {
         }
     }
 
-    /// Puts `plan`'s segment again after a failure, after a backoff.
-    /// The retried segment is the disk's oldest in flight: no put comes before it.
+    /// Puts `plan`'s segment again after a failure, after a backoff. Retried segments are the
+    /// disk's oldest in flight and go back to the front of its queue: the segments after them
+    /// still wait for their puts, and one already put before is put again with the same bytes.
     fn retry(self: &Arc<Self>, plan: SegmentPlan, attempt: u32) -> InFlight {
         self.spawn(plan, attempt, 0)
     }
