@@ -78,7 +78,7 @@ impl BlobStore {
 }
 
 /// Segments of one disk in flight at once: while one is put and synced, the next ones compress.
-pub const SEGMENTS_IN_FLIGHT: usize = 6;
+pub const SEGMENTS_IN_FLIGHT: usize = 4;
 
 /// A segment put to blob storage, waiting for the segments before it to be finalised.
 struct Staged {
