@@ -379,6 +379,23 @@ fn u64_value(v: Option<Vec<u8>>) -> u64 {
     v.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// A journal record in hand (from the hot tail or inline), or where it lies in the payload log.
+enum Slot {
+    Ready(LogRecord),
+    Logged(paylog::Pointer),
+}
+
+impl Slot {
+    /// What the record counts against a read's byte budget: its payload, with the log header
+    /// when it is still in the log.
+    fn len(&self) -> usize {
+        match self {
+            Slot::Ready(r) => r.payload.len(),
+            Slot::Logged(p) => p.len as usize,
+        }
+    }
+}
+
 impl Journal {
     /// Opens (or creates) the journal in `path` with a cache limit of `max_bytes`.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, JournalError> {
@@ -526,6 +543,35 @@ impl Journal {
         rx.await.map_err(|_| JournalError::Stopped)?
     }
 
+    /// Sends several commands at once, so the writer usually takes them into one group, then
+    /// waits for their answers in order: the answers before the first failure, and that failure.
+    async fn call_many<T, F>(&self, makes: impl Iterator<Item = F>) -> (Vec<T>, Option<JournalError>)
+    where
+        F: FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Command,
+    {
+        let mut replies = Vec::new();
+        for make in makes {
+            let (reply, rx) = oneshot::channel();
+            if self.tx.send(make(reply)).is_err() {
+                replies.push(None);
+                break;
+            }
+            replies.push(Some(rx));
+        }
+        let mut out = Vec::with_capacity(replies.len());
+        for rx in replies {
+            match rx {
+                Some(rx) => match rx.await {
+                    Ok(Ok(v)) => out.push(v),
+                    Ok(Err(e)) => return (out, Some(e)),
+                    Err(_) => return (out, Some(JournalError::Stopped)),
+                },
+                None => return (out, Some(JournalError::Stopped)),
+            }
+        }
+        (out, None)
+    }
+
     /// Commits a batch durably (synced WAL) and returns its ack. A batch already committed under
     /// the same `(machine, session, batch)` returns the original ack without writing again.
     pub async fn commit(
@@ -586,30 +632,15 @@ impl Journal {
     /// one round trip: the commands are queued together, so they usually share one group commit
     /// instead of waiting for one each. Returns the plans made before the first failure, and it.
     pub async fn plan_segments(&self, disk_id: u32, spans: &[(u64, u64)]) -> (Vec<SegmentPlan>, Option<JournalError>) {
-        let mut replies = Vec::with_capacity(spans.len());
-        for &(first_seq, last_seq) in spans {
-            let (reply, rx) = oneshot::channel();
-            let cmd = Command::PlanSegment {
+        self.call_many(spans.iter().map(|&(first_seq, last_seq)| {
+            move |reply| Command::PlanSegment {
                 disk_id,
                 first_seq,
                 last_seq,
                 reply,
-            };
-            if self.tx.send(cmd).is_err() {
-                break;
             }
-            replies.push(rx);
-        }
-        let mut plans = Vec::with_capacity(replies.len());
-        for rx in replies {
-            match rx.await {
-                Ok(Ok(p)) => plans.push(p),
-                Ok(Err(e)) => return (plans, Some(e)),
-                Err(_) => return (plans, Some(JournalError::Stopped)),
-            }
-        }
-        let stopped = (plans.len() < spans.len()).then_some(JournalError::Stopped);
-        (plans, stopped)
+        }))
+        .await
     }
 
     /// Reserves `n` segment counters (nonce prefixes) of a disk for segments written outside the
@@ -629,23 +660,13 @@ impl Journal {
     /// one round trip: the commands are queued together and usually share one group commit.
     /// Returns how many succeeded (a prefix) and the error that stopped the rest.
     pub async fn segments_uploaded(&self, done: &[(SegmentPlan, u64)]) -> (usize, Option<JournalError>) {
-        let mut replies = Vec::with_capacity(done.len());
-        for &(plan, bytes) in done {
-            let (reply, rx) = oneshot::channel();
-            if self.tx.send(Command::Uploaded { plan, bytes, reply }).is_err() {
-                break;
-            }
-            replies.push(rx);
-        }
-        let mut ok = 0;
-        for rx in replies {
-            match rx.await {
-                Ok(Ok(())) => ok += 1,
-                Ok(Err(e)) => return (ok, Some(e)),
-                Err(_) => return (ok, Some(JournalError::Stopped)),
-            }
-        }
-        (ok, (ok < done.len()).then_some(JournalError::Stopped))
+        let (ok, err) = self
+            .call_many(
+                done.iter()
+                    .map(|&(plan, bytes)| move |reply| Command::Uploaded { plan, bytes, reply }),
+            )
+            .await;
+        (ok.len(), err)
     }
 
     /// Cuts one recovery point shared by `machines` (a replication group's members), at one
@@ -760,63 +781,27 @@ impl Journal {
     }
 
     /// The run of journal records of a disk from `first` that [`Journal::read_records`] would
-    /// return for `max_bytes`, as `(first seq, last seq, bytes counted against max_bytes)` (a
-    /// payload, with its log header when it lies in the payload log), from the journal's
-    /// keys and payload pointers alone: the uploader plans a segment with it and leaves reading
-    /// the payloads to the segment's own task (blocking read). `None` when nothing is there.
+    /// return for `max_bytes`, as `(first seq, last seq, bytes counted against max_bytes)`, from
+    /// the journal's keys and payload pointers alone: the uploader plans a segment with it and
+    /// leaves reading the payloads to the segment's own task (blocking read). `None` when
+    /// nothing is there.
     pub fn span_records(
         &self,
         disk_id: u32,
         first: u64,
         max_bytes: usize,
     ) -> Result<Option<(u64, u64, usize)>, JournalError> {
-        let cf = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
-        let start = journal_key(disk_id, first);
-        let mut span: Option<(u64, u64, usize)> = None;
-        for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
-            let (k, v) = item?;
-            if k[..4] != disk_id.to_be_bytes() {
-                break;
-            }
-            let seq = u64::from_be_bytes(k[4..12].try_into().expect("8"));
-            let corrupt = |e: String| JournalError::Corrupt(format!("disk {disk_id} seq {seq}: {e}"));
-            // Counted as read_records counts: a hot record by its payload, a logged one by its
-            // place in the log.
-            let len = match paylog::Pointer::decode(&v) {
-                Some(p) => match self.state.hot.get(disk_id, seq) {
-                    Some(r) => r.payload.len(),
-                    None => p.map_err(|e| corrupt(e.to_string()))?.len as usize,
-                },
-                None => LogRecord::from_journal_value(&v)
-                    .map_err(|e| corrupt(e.to_string()))?
-                    .payload
-                    .len(),
-            };
-            let (from, _, bytes) = span.unwrap_or((seq, seq, 0));
-            span = Some((from, seq, bytes + len));
-            if bytes + len >= max_bytes {
-                break;
-            }
-        }
-        Ok(span)
+        let slots = self.slots(disk_id, first, u64::MAX, max_bytes)?;
+        let bytes = slots.iter().map(|(_, s)| s.len()).sum();
+        Ok(slots.first().zip(slots.last()).map(|((f, _), (l, _))| (*f, *l, bytes)))
     }
 
-    /// Reads journal records of a disk with `seq` in `[first, last]`, stopping early once
-    /// `max_bytes` of payload are collected (blocking read).
-    pub fn read_records(
-        &self,
-        disk_id: u32,
-        first: u64,
-        last: u64,
-        max_bytes: usize,
-    ) -> Result<Vec<LogRecord>, JournalError> {
+    /// The records of a disk with `seq` in `[first, last]`, up to and including the one that
+    /// brings them to `max_bytes`: in hand (from the hot tail or inline) or where each lies in
+    /// the payload log (blocking read of RocksDB only).
+    fn slots(&self, disk_id: u32, first: u64, last: u64, max_bytes: usize) -> Result<Vec<(u64, Slot)>, JournalError> {
         let cf = self.db.cf_handle(CF_JOURNAL).expect("journal cf");
         let start = journal_key(disk_id, first);
-        /// A record in hand (from the hot tail or inline), or where it lies in the payload log.
-        enum Slot {
-            Ready(u64, LogRecord),
-            Logged(u64, paylog::Pointer),
-        }
         let mut slots = Vec::new();
         let mut bytes = 0;
         for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
@@ -833,37 +818,44 @@ impl Journal {
             // A payload still in the hot tail is taken from memory, not read back from the log.
             let hot = pointer.as_ref().and_then(|_| self.state.hot.get(disk_id, seq));
             let slot = match (hot, pointer) {
-                (Some(r), _) => Slot::Ready(seq, r),
-                (None, None) => Slot::Ready(
-                    seq,
-                    LogRecord::from_journal_value(&v).map_err(|e| corrupt(e.to_string()))?,
-                ),
-                (None, Some(p)) => Slot::Logged(seq, p.map_err(|e| corrupt(e.to_string()))?),
+                (Some(r), _) => Slot::Ready(r),
+                (None, None) => Slot::Ready(LogRecord::from_journal_value(&v).map_err(|e| corrupt(e.to_string()))?),
+                (None, Some(p)) => Slot::Logged(p.map_err(|e| corrupt(e.to_string()))?),
             };
-            bytes += match &slot {
-                Slot::Ready(_, r) => r.payload.len(),
-                Slot::Logged(_, p) => p.len as usize,
-            };
-            slots.push(slot);
+            bytes += slot.len();
+            slots.push((seq, slot));
             if bytes >= max_bytes {
                 break;
             }
         }
+        Ok(slots)
+    }
+
+    /// Reads journal records of a disk with `seq` in `[first, last]`, stopping early once
+    /// `max_bytes` of payload are collected (blocking read).
+    pub fn read_records(
+        &self,
+        disk_id: u32,
+        first: u64,
+        last: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogRecord>, JournalError> {
+        let slots = self.slots(disk_id, first, last, max_bytes)?;
         // The logged ones in as few reads as their placement allows.
         let pointers: Vec<paylog::Pointer> = slots
             .iter()
-            .filter_map(|s| match s {
-                Slot::Logged(_, p) => Some(*p),
-                Slot::Ready(..) => None,
+            .filter_map(|(_, s)| match s {
+                Slot::Logged(p) => Some(*p),
+                Slot::Ready(_) => None,
             })
             .collect();
         let mut loaded = paylog::read_many(&self.log_dir, &pointers, &self.read_bufs).into_iter();
         let mut out = Vec::with_capacity(slots.len());
-        for slot in slots {
-            let (seq, r) = match slot {
-                Slot::Ready(seq, r) => (seq, r),
-                Slot::Logged(seq, p) => match loaded.next().expect("one result a pointer") {
-                    Ok(r) => (seq, r),
+        for (seq, slot) in slots {
+            let r = match slot {
+                Slot::Ready(r) => r,
+                Slot::Logged(p) => match loaded.next().expect("one result a pointer") {
+                    Ok(r) => r,
                     // Uploaded (and its file deleted or recycled) since the iterator started.
                     Err(_) if self.uploaded(disk_id, seq) => break,
                     Err(e) => {
