@@ -18,8 +18,10 @@ const DISK_SIZE: u64 = 256 * MIB;
 /// Acked writes by sequence number: `(offset, data)`.
 type AckedWrites = BTreeMap<u64, (u64, Vec<u8>)>;
 
-/// Two syncs with scattered changes between them; both points replay byte-identical.
-async fn two_syncs_replay_exactly(blob: BlobTarget, dir: &std::path::Path) {
+/// Two syncs with scattered changes between them; both points replay byte-identical. The second
+/// sync passes `second_options` to the agent (`--no-compress` mixes writes the appliance
+/// compresses into a log of writes the agent compressed).
+async fn two_syncs_replay_exactly(blob: BlobTarget, dir: &std::path::Path, second_options: &[&str]) {
     let app = Appliance::start(&dir.join("appliance"), &blob, "");
     let disk = dir.join("disk.img");
     make_disk(&disk, DISK_SIZE, 1).unwrap();
@@ -38,7 +40,7 @@ async fn two_syncs_replay_exactly(blob: BlobTarget, dir: &std::path::Path) {
     let seq1 = first.disks[0].last_seq;
 
     scribble(&disk, 200, 2).unwrap();
-    let second = app.sync("web01", &[&disk]);
+    let second = app.sync_with("web01", &[&disk], second_options);
     let seq2 = second.disks[0].last_seq;
     assert!(seq2 > seq1);
     assert!(
@@ -121,7 +123,7 @@ async fn two_syncs_replay_exactly(blob: BlobTarget, dir: &std::path::Path) {
 async fn local_folder_two_syncs_replay_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let blob = BlobTarget::Local(dir.path().join("blob"));
-    two_syncs_replay_exactly(blob, dir.path()).await;
+    two_syncs_replay_exactly(blob, dir.path(), &["--no-compress"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -129,7 +131,7 @@ async fn azurite_two_syncs_replay_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let azurite = Azurite::start(&dir.path().join("azurite"));
     let blob = azurite.create_container("lifeboat");
-    two_syncs_replay_exactly(blob, dir.path()).await;
+    two_syncs_replay_exactly(blob, dir.path(), &[]).await;
 }
 
 /// Kill -9 the server while batches stream in; every acked batch must reach blob storage after a
@@ -150,6 +152,7 @@ async fn kill9_mid_sync_loses_no_acked_write() {
         passphrase: PASSPHRASE.into(),
         machine: "db01".into(),
         retry_for: Duration::from_millis(500),
+        compress: true,
     })
     .await
     .unwrap();

@@ -149,6 +149,10 @@ struct Connection {
     /// How long to keep retrying when the server goes away mid-sync.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     retry_for: Duration,
+    /// Send block data uncompressed and let the appliance compress it (for machines short of
+    /// CPU; by default the agent compresses, and sends and caches about half the bytes).
+    #[arg(long)]
+    no_compress: bool,
 }
 
 /// Commands that make the guest's data consistent around an app-consistent bookmark (e.g.
@@ -353,6 +357,7 @@ async fn connect(conn: &Connection) -> anyhow::Result<Agent> {
         passphrase,
         machine: conn.machine.clone(),
         retry_for: conn.retry_for,
+        compress: !conn.no_compress,
     };
     let agent = Agent::connect(cfg).await?;
     if agent.server() != conn.server.trim_end_matches('/') {

@@ -192,7 +192,10 @@ pub fn prepare(record: IngestRecord, disk_size: u64) -> PreparedRecord {
 /// touches, as the agent computed them for its diff) instead of hashing the data again.
 pub fn prepare_with_sums(record: IngestRecord, disk_size: u64, sums: Option<&[u8]>) -> PreparedRecord {
     let mut checksums = Vec::new();
-    if matches!(record.kind, RecordKind::Write | RecordKind::Zero) {
+    if matches!(
+        record.kind,
+        RecordKind::Write | RecordKind::Zero | RecordKind::PackedWrite
+    ) {
         let start = record.offset;
         let end = record.offset + record.len as u64;
         let first = start / BLOCK_SIZE;
@@ -209,6 +212,9 @@ pub fn prepare_with_sums(record: IngestRecord, disk_size: u64, sums: Option<&[u8
                 sums.and_then(|s| s.get(((block - first) * 16) as usize..((block - first + 1) * 16) as usize))
             {
                 Some(sum.try_into().expect("16 bytes"))
+            } else if record.kind == RecordKind::PackedWrite {
+                // The data is compressed and came without its checksums: the next sync resends.
+                Some(UNKNOWN_CHECKSUM)
             } else {
                 let data = &record.payload[(bstart - start) as usize..(bend - start) as usize];
                 if is_zero(data) {

@@ -42,6 +42,7 @@ pub mod segment;
 pub mod server;
 pub mod testkit;
 pub mod uploader;
+pub mod zstd_frame;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

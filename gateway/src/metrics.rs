@@ -13,9 +13,10 @@
 //!   measures the appliance's side only: writes the agent has not sent yet are not visible here.
 //! - **Churn** (`lifeboat_churn_bytes_per_second`): block data bytes acked for a disk, averaged
 //!   over the last 60 s (bytes in the window ÷ 60).
-//! - **Cache time to full** (`lifeboat_cache_time_to_full_seconds`): free cache ÷ (churn of all
-//!   disks − journal bytes drained by uploads per second, both over 60 s). `+Inf` when uploads
-//!   keep up (drain ≥ churn); 0 when the cache is full, i.e. an ingest batch had to wait for
+//! - **Cache time to full** (`lifeboat_cache_time_to_full_seconds`): free cache ÷ (journal bytes
+//!   taken in by ingest − journal bytes drained by uploads, per second over 60 s; the bytes taken
+//!   in are the churn, compressed where the agents compress). `+Inf` when uploads keep up
+//!   (drain ≥ fill); 0 when the cache is full, i.e. an ingest batch had to wait for
 //!   space in the last 5 s.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -97,6 +98,9 @@ impl Window {
 struct Rates {
     /// machine → disk → window (nested so that a lookup by `&str` allocates nothing).
     churn: HashMap<String, HashMap<String, Window>>,
+    /// Journal bytes taken in by ingest (compressed where agents pack their writes), the
+    /// counterpart of `drained` for the cache's time to full.
+    filled: Window,
     drained: Window,
     held_back_ms: Option<u64>,
 }
@@ -256,11 +260,13 @@ impl GatewayMetrics {
         m
     }
 
-    /// Counts `n` block data bytes acked for a disk (the ingest counter and the churn window).
-    pub fn record_ingest(&self, machine: &str, disk: &str, n: u64) {
+    /// Counts `n` block data bytes acked for a disk (the ingest counter and the churn window),
+    /// which took `cached` bytes of the journal (fewer where the agent compressed them).
+    pub fn record_ingest(&self, machine: &str, disk: &str, n: u64, cached: u64) {
         self.ingest_bytes.with_label_values(&[machine, disk]).inc_by(n);
         let now_s = now_ms() / 1000;
         let mut r = self.rates.lock().expect("lock");
+        r.filled.add(now_s, cached);
         if let Some(w) = r.churn.get_mut(machine).and_then(|d| d.get_mut(disk)) {
             w.add(now_s, n);
             return;
@@ -393,17 +399,14 @@ impl GatewayMetrics {
         drop(states);
 
         // Churn, drain and the cache's time to full.
-        let (churn_total, drain, held_back_ms) = {
+        let (fill, drain, held_back_ms) = {
             let mut r = self.rates.lock().expect("lock");
-            let mut total = 0.0;
             for (machine, disks) in r.churn.iter_mut() {
                 for (disk, w) in disks.iter_mut() {
-                    let rate = w.rate(now_s);
-                    total += rate;
-                    self.churn.with_label_values(&[machine, disk]).set(rate);
+                    self.churn.with_label_values(&[machine, disk]).set(w.rate(now_s));
                 }
             }
-            (total, r.drained.rate(now_s), r.held_back_ms)
+            (r.filled.rate(now_s), r.drained.rate(now_s), r.held_back_ms)
         };
         self.upload_rate.set(drain);
         let used = journal.cache_used();
@@ -412,8 +415,8 @@ impl GatewayMetrics {
         let held_back = held_back_ms.is_some_and(|t| now.saturating_sub(t) < HELD_BACK_FULL_MS);
         let ttf = if held_back || used >= limit {
             0.0
-        } else if churn_total > drain {
-            (limit - used) as f64 / (churn_total - drain)
+        } else if fill > drain {
+            (limit - used) as f64 / (fill - drain)
         } else {
             f64::INFINITY
         };
@@ -468,7 +471,7 @@ mod tests {
             1 << 20,
         );
         j.commit("m", 1, 1, vec![rec]).await.unwrap();
-        m.record_ingest("m", "disk0", 65536);
+        m.record_ingest("m", "disk0", 65536, 65536);
         tokio::time::sleep(std::time::Duration::from_millis(700)).await;
         refresh(&m, &j);
         assert!(rpo(&m) >= 0.7, "rpo {}", rpo(&m));

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! batch   := magic "LBAT" | version u16 | flags u16 | count u32 | record* | crc32c u32 (over all before)
-//! record  := kind u8 | disk_len u8 | disk utf8 | offset u64 | len u32 | crc32c(payload) u32 | payload
-//!            [version 2, writes only: sum_count u32 | sum_count × 16-byte block checksum]
+//! record  := kind u8 | disk_len u8 | disk utf8 | offset u64 | len u32 | crc32c(payload) u32
+//!            [version 3, packed writes only: payload_len u32] | payload
+//!            [version 2+, writes and packed writes: sum_count u32 | sum_count × 16-byte block checksum]
 //! ```
 //! All integers are big-endian. `payload` is the data of a write, empty for a zero range (whose
 //! length is `len`), and the UTF-8 label of a bookmark (`disk` empty, `offset` 0).
@@ -13,14 +14,20 @@
 //! Version 2 carries, after each write's payload, the agent's delta-sync checksum of every 64 KiB
 //! block the write touches (the agent hashed them to diff anyway), so the server does not hash
 //! the data a second time. The body CRC still covers them and every payload.
+//!
+//! Version 3 adds the *packed write* (kind 5): its payload is the agent's zstd frame of the
+//! write's `len` bytes, with the content size and a content checksum ([`crate::zstd_frame`]).
+//! The server checks the frame's structure, keeps it as it came and builds segment chunks
+//! around it, so the data is compressed once, on the protected machine, and crosses the network,
+//! the journal and the cache compressed. [`pack_batch`] turns a body of writes into packed ones.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 /// Magic bytes that open every batch.
 pub const BATCH_MAGIC: &[u8; 4] = b"LBAT";
-/// Current batch format version (2: writes carry their blocks' checksums).
-pub const BATCH_VERSION: u16 = 2;
+/// Current batch format version (2: writes carry their blocks' checksums; 3: packed writes).
+pub const BATCH_VERSION: u16 = 3;
 /// The oldest batch format version the server still accepts (no block checksums).
 pub const BATCH_VERSION_MIN: u16 = 1;
 /// Largest batch body the server accepts.
@@ -46,6 +53,10 @@ pub enum RecordKind {
     /// A crash-consistent point the process server cut on its timer. Never sent by agents: a
     /// batch holding one is refused.
     CrashPoint = 4,
+    /// A write of `len` bytes at `offset` whose payload is a zstd frame of the data (version 3
+    /// batches, and the journal). Segment chunks hold it as the [`RecordKind::Write`] it
+    /// decompresses to, so readers of segments never see this kind.
+    PackedWrite = 5,
 }
 
 impl RecordKind {
@@ -54,6 +65,7 @@ impl RecordKind {
             1 => Some(Self::Write),
             2 => Some(Self::Zero),
             3 => Some(Self::Bookmark),
+            5 => Some(Self::PackedWrite),
             _ => None,
         }
     }
@@ -78,6 +90,16 @@ impl IngestRecord {
             offset,
             len: data.len() as u32,
             payload: data,
+        }
+    }
+    /// A write of `len` bytes at `offset` whose payload `frame` is their zstd frame.
+    pub fn packed(disk: &str, offset: u64, len: u32, frame: Bytes) -> Self {
+        Self {
+            kind: RecordKind::PackedWrite,
+            disk: disk.to_owned(),
+            offset,
+            len,
+            payload: frame,
         }
     }
     pub fn zero(disk: &str, offset: u64, len: u32) -> Self {
@@ -111,7 +133,8 @@ impl IngestRecord {
     }
     /// Bytes this record takes in a batch body.
     pub fn encoded_len(&self) -> usize {
-        RECORD_FIXED_LEN + self.disk.len() + self.payload.len()
+        let packed_len = if self.kind == RecordKind::PackedWrite { 4 } else { 0 };
+        RECORD_FIXED_LEN + self.disk.len() + packed_len + self.payload.len()
     }
 }
 
@@ -134,6 +157,11 @@ pub enum FrameError {
     BadRecordChecksum { index: u32 },
     #[error("record {index}: {reason}")]
     BadRecord { index: u32, reason: &'static str },
+    #[error("record {index}: {source}")]
+    BadFrame {
+        index: u32,
+        source: crate::zstd_frame::FrameCheckError,
+    },
     #[error("batch declares {declared} records but holds {found}")]
     CountMismatch { declared: u32, found: u32 },
     #[error("batch declares {0} records, more than the limit")]
@@ -309,6 +337,60 @@ pub fn encode_batch(records: &[IngestRecord]) -> Bytes {
     buf.freeze()
 }
 
+thread_local! {
+    /// The agent's compressor for packed writes, one per packing thread.
+    static PACKER: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
+        std::cell::RefCell::new(crate::zstd_frame::checked_compressor());
+}
+
+/// Re-encodes a batch body whose writes carry block checksums (what [`BatchBuilder`] makes) as
+/// a version 3 body of packed writes: each write's data becomes one zstd frame (level 1, with
+/// its content size and checksum). Zero ranges and bookmarks stay as they are. `out` is a spent
+/// body's memory to build into (cleared first).
+pub fn pack_batch(body: &Bytes, mut out: Vec<u8>) -> Result<Bytes, FrameError> {
+    let records = decode_batch_with_sums(body.clone())?;
+    out.clear();
+    out.put_slice(BATCH_MAGIC);
+    out.put_u16(BATCH_VERSION);
+    out.put_u16(0);
+    out.put_u32(records.len() as u32);
+    PACKER.with(|packer| {
+        let mut packer = packer.borrow_mut();
+        for (index, (r, sums, crc)) in records.into_iter().enumerate() {
+            let packs = r.kind == RecordKind::Write;
+            out.put_u8(if packs { RecordKind::PackedWrite } else { r.kind } as u8);
+            out.put_u8(r.disk.len() as u8);
+            out.put_slice(r.disk.as_bytes());
+            out.put_u64(r.offset);
+            out.put_u32(r.len);
+            if !packs {
+                out.put_u32(crc);
+                out.put_slice(&r.payload);
+                continue;
+            }
+            let Some(sums) = sums else {
+                return Err(FrameError::BadRecord {
+                    index: index as u32,
+                    reason: "a write without block checksums cannot be packed",
+                });
+            };
+            let fields = out.len();
+            out.put_u32(0);
+            out.put_u32(0);
+            let frame_len = crate::zstd_frame::compress_append(&mut packer, &r.payload, &mut out);
+            let frame_crc = crc32c::crc32c(&out[fields + 8..]);
+            out[fields..fields + 4].copy_from_slice(&frame_crc.to_be_bytes());
+            out[fields + 4..fields + 8].copy_from_slice(&(frame_len as u32).to_be_bytes());
+            out.put_u32((sums.len() / 16) as u32);
+            out.put_slice(&sums);
+        }
+        Ok(())
+    })?;
+    let crc = crc32c::crc32c(&out);
+    out.put_u32(crc);
+    Ok(Bytes::from(out))
+}
+
 fn need(buf: &Bytes, at: usize, n: usize) -> Result<(), FrameError> {
     if buf.remaining() < n {
         Err(FrameError::Truncated {
@@ -360,7 +442,9 @@ pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<B
         let at = total - buf.remaining();
         need(&buf, at, RECORD_FIXED_LEN + 4)?;
         let kind_byte = buf.get_u8();
-        let kind = RecordKind::from_u8(kind_byte).ok_or(FrameError::BadKind { index, kind: kind_byte })?;
+        let kind = RecordKind::from_u8(kind_byte)
+            .filter(|k| *k != RecordKind::PackedWrite || version >= 3)
+            .ok_or(FrameError::BadKind { index, kind: kind_byte })?;
         let disk_len = buf.get_u8() as usize;
         need(&buf, total - buf.remaining(), disk_len + 16 + 4)?;
         let disk = std::str::from_utf8(&buf[..disk_len])
@@ -376,9 +460,18 @@ pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<B
         let payload_len = match kind {
             RecordKind::Write | RecordKind::Bookmark => len as usize,
             RecordKind::Zero => 0,
+            RecordKind::PackedWrite => {
+                need(&buf, total - buf.remaining(), 4)?;
+                buf.get_u32() as usize
+            }
             RecordKind::CrashPoint => unreachable!("from_u8 refuses crash points from agents"),
         };
-        if payload_len > MAX_RECORD_BYTES {
+        let (payload_limit, len_limit) = match kind {
+            // An incompressible write's frame is a little larger than the write.
+            RecordKind::PackedWrite => (zstd::zstd_safe::compress_bound(MAX_RECORD_BYTES), MAX_RECORD_BYTES),
+            _ => (MAX_RECORD_BYTES, usize::MAX),
+        };
+        if payload_len > payload_limit || len as usize > len_limit {
             return Err(FrameError::BadRecord {
                 index,
                 reason: "record payload exceeds the 8 MiB limit",
@@ -395,7 +488,11 @@ pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<B
         body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..header_end]);
         body_crc = crate::crc::combine(body_crc, payload_crc, payload_len);
         crc_at = header_end + payload_len;
-        let sums = if version >= 2 && kind == RecordKind::Write {
+        if kind == RecordKind::PackedWrite {
+            crate::zstd_frame::check(&payload, u64::from(len))
+                .map_err(|source| FrameError::BadFrame { index, source })?;
+        }
+        let sums = if version >= 2 && matches!(kind, RecordKind::Write | RecordKind::PackedWrite) {
             need(&buf, total - buf.remaining(), 4 + 4)?;
             let n = buf.get_u32() as u64;
             if n != blocks_touched(offset, len) {
@@ -410,19 +507,21 @@ pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<B
             None
         };
         match kind {
-            RecordKind::Write | RecordKind::Zero if disk.is_empty() => {
+            RecordKind::Write | RecordKind::Zero | RecordKind::PackedWrite if disk.is_empty() => {
                 return Err(FrameError::BadRecord {
                     index,
                     reason: "write without a disk name",
                 })
             }
-            RecordKind::Write | RecordKind::Zero if len == 0 => {
+            RecordKind::Write | RecordKind::Zero | RecordKind::PackedWrite if len == 0 => {
                 return Err(FrameError::BadRecord {
                     index,
                     reason: "empty write",
                 })
             }
-            RecordKind::Write | RecordKind::Zero if offset.checked_add(len as u64).is_none() => {
+            RecordKind::Write | RecordKind::Zero | RecordKind::PackedWrite
+                if offset.checked_add(len as u64).is_none() =>
+            {
                 return Err(FrameError::BadRecord {
                     index,
                     reason: "offset + length overflows",
@@ -508,6 +607,75 @@ mod tests {
         for cut in (0..body.len()).step_by(101) {
             assert!(decode_batch(body.slice(..cut)).is_err(), "cut at {cut} accepted");
         }
+    }
+
+    #[test]
+    fn packed_batches_hold_the_writes_compressed_and_refuse_damage() {
+        let (body, sums) = built();
+        let raw = decode_batch_with_sums(body.clone()).unwrap();
+        let packed = pack_batch(&body, Vec::new()).unwrap();
+        let got = decode_batch_with_sums(packed.clone()).unwrap();
+        assert_eq!(got.len(), raw.len());
+        for ((p, psums, _), ((r, _, _), want)) in got.iter().zip(raw.iter().zip(sums)) {
+            assert_eq!(psums.as_ref().map(|b| b.to_vec()), want);
+            if r.kind == RecordKind::Write {
+                assert_eq!(p.kind, RecordKind::PackedWrite);
+                assert_eq!((p.disk.as_str(), p.offset, p.len), (r.disk.as_str(), r.offset, r.len));
+                assert_eq!(zstd::bulk::decompress(&p.payload, r.len as usize).unwrap(), r.payload);
+            } else {
+                assert_eq!(p, r);
+            }
+        }
+        // The 128 KiB of repeated bytes are sent as a few dozen.
+        assert!(packed.len() < 1000, "packed body of {} bytes", packed.len());
+        for i in 0..packed.len() {
+            let mut bad = packed.to_vec();
+            bad[i] ^= 0x40;
+            assert!(decode_batch(Bytes::from(bad)).is_err(), "flip at {i} accepted");
+        }
+        for cut in 0..packed.len() {
+            assert!(decode_batch(packed.slice(..cut)).is_err(), "cut at {cut} accepted");
+        }
+        // A version 2 body cannot carry packed writes.
+        let mut old = packed.to_vec();
+        old[5] = 2;
+        let end = old.len() - 4;
+        let crc = crc32c::crc32c(&old[..end]);
+        old[end..].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            decode_batch(Bytes::from(old)),
+            Err(FrameError::BadKind { index: 0, kind: 5 })
+        ));
+    }
+
+    #[test]
+    fn a_packed_write_whose_frame_is_not_its_data_is_refused() {
+        let frame = Bytes::from(zstd::bulk::compress(&[1u8; 65536], 1).unwrap());
+        // No content checksum in the frame: refused, with the record named.
+        let mut b = BytesMut::new();
+        b.put_slice(BATCH_MAGIC);
+        b.put_u16(3);
+        b.put_u16(0);
+        b.put_u32(1);
+        b.put_u8(RecordKind::PackedWrite as u8);
+        b.put_u8(5);
+        b.put_slice(b"disk0");
+        b.put_u64(0);
+        b.put_u32(65536);
+        b.put_u32(crc32c::crc32c(&frame));
+        b.put_u32(frame.len() as u32);
+        b.put_slice(&frame);
+        b.put_u32(1);
+        b.put_slice(&[0u8; 16]);
+        let crc = crc32c::crc32c(&b);
+        b.put_u32(crc);
+        assert_eq!(
+            decode_batch(b.freeze()),
+            Err(FrameError::BadFrame {
+                index: 0,
+                source: crate::zstd_frame::FrameCheckError::NoChecksum
+            })
+        );
     }
 
     #[test]

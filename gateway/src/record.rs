@@ -1,6 +1,8 @@
 //! The log record: one committed write, zeroed range or bookmark of one disk, with the sequence
 //! number the process server assigned. The same encoding is stored in the journal (plus a CRC32C)
 //! and packed into segment chunks (where AES-GCM authenticates it).
+//! A packed write (kind 5, journal only) holds the agent's zstd frame as its payload; in a chunk
+//! it is the plain write it decompresses to (see [`LogRecord::chunk_head`]).
 //!
 //! ```text
 //! record := kind u8 | seq u64 | time_ms u64 | offset u64 | len u32 | payload_len u32 | payload
@@ -74,6 +76,7 @@ impl LogRecord {
             2 => RecordKind::Zero,
             3 => RecordKind::Bookmark,
             4 => RecordKind::CrashPoint,
+            5 => RecordKind::PackedWrite,
             other => return Err(RecordError::BadKind(other)),
         };
         let seq = buf.get_u64();
@@ -93,6 +96,26 @@ impl LogRecord {
             len,
             payload,
         })
+    }
+
+    /// Bytes this record takes in a segment chunk's decompressed stream: a packed write as the
+    /// plain write it decompresses to.
+    pub fn chunk_len(&self) -> usize {
+        match self.kind {
+            RecordKind::PackedWrite => FIXED_LEN + self.len as usize,
+            _ => self.encoded_len(),
+        }
+    }
+
+    /// The header this record has in a segment chunk: a packed write's is a plain write's of
+    /// `len` payload bytes, which its zstd frame decompresses to.
+    pub fn chunk_head(&self) -> [u8; FIXED_LEN] {
+        let mut head = self.encode_head();
+        if self.kind == RecordKind::PackedWrite {
+            head[0] = RecordKind::Write as u8;
+            head[FIXED_LEN - 4..].copy_from_slice(&self.len.to_be_bytes());
+        }
+        head
     }
 
     /// The journal value: the record followed by its CRC32C.

@@ -295,6 +295,7 @@ pub fn apply_records(
         last = r.seq;
         match r.kind {
             RecordKind::Bookmark | RecordKind::CrashPoint => {}
+            RecordKind::PackedWrite => unreachable!("segment chunks refuse packed writes when opened"),
             RecordKind::Write | RecordKind::Zero => {
                 if r.end() > size || (r.kind == RecordKind::Write && r.payload.len() != r.len as usize) {
                     return Err(ReplayError::OutOfRange {

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::crypto::{self, CryptoError, Key};
-use crate::record::{LogRecord, RecordError, RecordKind};
+use crate::record::{LogRecord, RecordError, RecordKind, FIXED_LEN};
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"LBSEG\0v1";
 pub const TRAILER_MAGIC: &[u8; 8] = b"LBSEGEND";
@@ -157,7 +157,7 @@ fn plan_chunks(records: &[LogRecord]) -> Vec<std::ops::Range<usize>> {
     let mut start = 0;
     let mut size = 0;
     for (i, r) in records.iter().enumerate() {
-        let n = r.encoded_len();
+        let n = r.chunk_len();
         if i > start && size + n > CHUNK_RAW_BYTES {
             out.push(start..i);
             start = i;
@@ -179,7 +179,7 @@ pub fn record_positions(records: &[LogRecord]) -> Vec<(u32, u32)> {
         let mut at = 0usize;
         for r in &records[range] {
             out.push((chunk as u32, (at + crate::record::FIXED_LEN) as u32));
-            at += r.encoded_len();
+            at += r.chunk_len();
         }
     }
     out
@@ -222,10 +222,13 @@ pub fn compress_chunks(records: &[LogRecord]) -> CompressedChunks {
         .into_par_iter()
         .map(|range| {
             let recs = &records[range.clone()];
-            let raw_len: usize = recs.iter().map(LogRecord::encoded_len).sum();
+            let raw_len: usize = recs.iter().map(LogRecord::chunk_len).sum();
             let compressed = CHUNK_SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 let ChunkScratch { raw, out, zstd } = &mut *scratch;
+                if recs.iter().any(|r| r.kind == RecordKind::PackedWrite) {
+                    return chunk_of_frames(recs, raw, zstd);
+                }
                 raw.clear();
                 for r in recs {
                     r.encode_into(raw);
@@ -248,6 +251,44 @@ pub fn compress_chunks(records: &[LogRecord]) -> CompressedChunks {
         first_seq: records[0].seq,
         last_seq: records[records.len() - 1].seq,
     }
+}
+
+/// A chunk holding packed writes: their zstd frames as the agent made them, and the record
+/// headers (and any unpacked records) between them as frames of their own, so the chunk decodes
+/// as one zstd stream to exactly the bytes of the unpacked records. Returns the frames with room
+/// for the AES-GCM tag.
+fn chunk_of_frames(recs: &[LogRecord], pending: &mut Vec<u8>, zstd: &mut zstd::bulk::Compressor<'static>) -> Vec<u8> {
+    // Headers and small records are framed raw; a run with write data in it is compressed.
+    const COMPRESS_FROM: usize = 4096;
+    let flush = |pending: &mut Vec<u8>, chunk: &mut Vec<u8>, zstd: &mut zstd::bulk::Compressor<'static>| {
+        if pending.len() >= COMPRESS_FROM {
+            crate::zstd_frame::compress_append(zstd, pending, chunk);
+        } else if !pending.is_empty() {
+            crate::zstd_frame::raw_frame(chunk, pending);
+        }
+        pending.clear();
+    };
+    let room: usize = recs
+        .iter()
+        .map(|r| match r.kind {
+            RecordKind::PackedWrite => r.payload.len() + crate::zstd_frame::raw_frame_len(FIXED_LEN),
+            _ => crate::zstd_frame::raw_frame_len(r.encoded_len()),
+        })
+        .sum();
+    let mut chunk = Vec::with_capacity(room + crypto::TAG_LEN);
+    pending.clear();
+    for r in recs {
+        if r.kind == RecordKind::PackedWrite {
+            pending.extend_from_slice(&r.chunk_head());
+            flush(pending, &mut chunk, zstd);
+            chunk.extend_from_slice(&r.payload);
+        } else {
+            r.encode_into(pending);
+        }
+    }
+    flush(pending, &mut chunk, zstd);
+    chunk.reserve(crypto::TAG_LEN);
+    chunk
 }
 
 impl CompressedChunks {
@@ -294,7 +335,7 @@ pub fn seal_segment(
         first_ms: records.iter().map(|r| r.time_ms).min().unwrap_or(0),
         last_ms: records.iter().map(|r| r.time_ms).max().unwrap_or(0),
         chunk_count: compressed.chunks.len() as u32,
-        raw_bytes: records.iter().map(|r| r.encoded_len() as u64).sum(),
+        raw_bytes: records.iter().map(|r| r.chunk_len() as u64).sum(),
     };
     let header_bytes = header.encode();
     let sealed: Vec<(Vec<u8>, u32, &[LogRecord])> = compressed
@@ -317,7 +358,7 @@ pub fn seal_segment(
     for (bytes, raw_len, recs) in &sealed {
         let (min_off, max_end) = recs
             .iter()
-            .filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Zero))
+            .filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Zero | RecordKind::PackedWrite))
             .fold((u64::MAX, 0u64), |(lo, hi), r| (lo.min(r.offset), hi.max(r.end())));
         index.put_u64(out.len() as u64);
         index.put_u32(bytes.len() as u32);
@@ -488,6 +529,9 @@ impl SegmentIndex {
         let mut out = Vec::new();
         while b.has_remaining() {
             let r = LogRecord::decode_from(&mut b).map_err(|e: RecordError| corrupt(format!("chunk {i}: {e}")))?;
+            if r.kind == RecordKind::PackedWrite {
+                return Err(corrupt(format!("chunk {i}: a packed write, which only journals hold")));
+            }
             out.push(r);
         }
         Ok(out)
@@ -571,6 +615,63 @@ mod tests {
         let (_, seg) = build_segment("m", "d", 1, 9, &key, &records);
         // Flipping every byte is quadratic; step through it.
         for i in (0..seg.len()).step_by(7) {
+            let mut bad = seg.to_vec();
+            bad[i] ^= 0x01;
+            let res = SegmentIndex::from_object(&bad, |_| Ok(key.clone()), "s")
+                .and_then(|(idx, k)| idx.read_all(&k, &bad, "s"));
+            assert!(res.is_err(), "flip at byte {i} of {} was accepted", seg.len());
+        }
+    }
+
+    /// `records` with every write of at least 4 KiB packed as an agent would send it.
+    fn packed(records: &[LogRecord]) -> Vec<LogRecord> {
+        let mut zstd = crate::zstd_frame::checked_compressor();
+        records
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                if r.kind == RecordKind::Write && r.payload.len() >= 4096 {
+                    let mut frame = Vec::new();
+                    crate::zstd_frame::compress_append(&mut zstd, &r.payload, &mut frame);
+                    r.kind = RecordKind::PackedWrite;
+                    r.payload = Bytes::from(frame);
+                }
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_writes_read_back_as_the_writes_they_hold() {
+        let key = Key::random();
+        let mut records = recs(40, 100_000);
+        // Mixed in: a small unpacked write, a zero range and a bookmark between packed writes.
+        records[3].payload = Bytes::from(vec![5u8; 100]);
+        records[3].len = 100;
+        records[7].kind = RecordKind::Zero;
+        records[7].payload = Bytes::new();
+        records[9] = LogRecord {
+            kind: RecordKind::Bookmark,
+            seq: records[9].seq,
+            time_ms: 5,
+            offset: 77,
+            len: 5,
+            payload: Bytes::from_static(b"label"),
+        };
+        let packed = packed(&records);
+        assert!(packed.iter().filter(|r| r.kind == RecordKind::PackedWrite).count() >= 30);
+        let (h, seg) = build_segment("m", "disk0", 1, 5, &key, &packed);
+        let (plain_h, _) = build_segment("m", "disk0", 1, 5, &key, &records);
+        assert_eq!(h, plain_h, "the header counts the bytes the chunks decode to");
+        assert_eq!(record_positions(&packed), record_positions(&records));
+        let (idx, k) = SegmentIndex::from_object(&seg, |_| Ok(key.clone()), "s").unwrap();
+        assert_eq!(idx.read_all(&k, &seg, "s").unwrap(), records);
+        // Each chunk holds about 1 MiB of decoded bytes, as plain chunks do.
+        let plain = compress_chunks(&records);
+        let ahead = compress_chunks(&packed);
+        let ranges = |c: &CompressedChunks| c.chunks.iter().map(|(_, n, r)| (*n, r.clone())).collect::<Vec<_>>();
+        assert_eq!(ranges(&ahead), ranges(&plain));
+        for i in (0..seg.len()).step_by(4099) {
             let mut bad = seg.to_vec();
             bad[i] ^= 0x01;
             let res = SegmentIndex::from_object(&bad, |_| Ok(key.clone()), "s")

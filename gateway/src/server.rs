@@ -705,9 +705,17 @@ async fn batch(
         tracing::warn!(machine = %machine, error = %e, "malformed batch refused");
         ApiError::new(StatusCode::BAD_REQUEST, format!("malformed batch: {e}"))
     })?;
-    let per_disk: Vec<(String, u64)> = prepared
+    let per_disk: Vec<(String, u64, u64)> = prepared
         .iter()
-        .map(|p| (p.record.disk.clone(), p.record.payload.len() as u64))
+        .map(|p| {
+            // Block data as written to the disk: a packed write counts the bytes it holds.
+            let cached = p.record.payload.len() as u64;
+            let n = match p.record.kind {
+                protocol::RecordKind::PackedWrite => u64::from(p.record.len),
+                _ => cached,
+            };
+            (p.record.disk.clone(), n, cached)
+        })
         .collect();
     let mut prepared = Some(prepared);
     let deadline = Instant::now() + HOLD_WHEN_FULL;
@@ -737,9 +745,9 @@ async fn batch(
     s.metrics.cache_used_bytes.set(s.journal.cache_used() as i64);
     if !ack.duplicate {
         s.metrics.ingest_batches.inc();
-        for (disk, n) in per_disk {
+        for (disk, n, cached) in per_disk {
             if !disk.is_empty() {
-                s.metrics.record_ingest(&machine, &disk, n);
+                s.metrics.record_ingest(&machine, &disk, n, cached);
             }
         }
     }

@@ -20,7 +20,7 @@ use crate::crypto::Key;
 use crate::direct_io::{self, AlignedBuf};
 use crate::journal::{DiskMeta, Journal, JournalError, SegmentPlan};
 use crate::metrics::GatewayMetrics;
-use crate::record::LogRecord;
+use crate::record::{LogRecord, RecordKind};
 use crate::segment;
 
 /// Most raw log bytes in one segment.
@@ -387,8 +387,8 @@ impl Uploader {
             );
         }
         let key = self.data_key(&disk, disk.key_id).await?;
-        let raw: usize = records.iter().map(|r| r.encoded_len()).sum();
-        let journal_bytes = (raw + 4 * records.len()) as u64;
+        let raw: usize = records.iter().map(|r| r.chunk_len()).sum();
+        let journal_bytes = records.iter().map(|r| r.encoded_len() + 4).sum::<usize>() as u64;
         let (machine, diskname, key_id) = (disk.machine.clone(), disk.disk.clone(), disk.key_id);
         let path = layout::segment(&disk.machine, &disk.disk, plan.first_seq, plan.last_seq);
         let name = path.to_string();
@@ -400,6 +400,10 @@ impl Uploader {
                 .into_iter()
                 .map(|mut r| {
                     r.payload = bytes::Bytes::new();
+                    // The catalogue indexes the write a packed one decompresses to.
+                    if r.kind == RecordKind::PackedWrite {
+                        r.kind = RecordKind::Write;
+                    }
                     r
                 })
                 .collect::<Vec<_>>();

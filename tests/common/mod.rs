@@ -219,7 +219,13 @@ impl Appliance {
 
     /// Runs `agent sync --json` on the given disks and returns the summary.
     pub fn sync(&self, machine: &str, disks: &[&Path]) -> gateway::agent::SyncSummary {
+        self.sync_with(machine, disks, &[])
+    }
+
+    /// Like [`Self::sync`], with more agent options (e.g. `--no-compress`).
+    pub fn sync_with(&self, machine: &str, disks: &[&Path], options: &[&str]) -> gateway::agent::SyncSummary {
         let mut c = self.agent("sync", machine);
+        c.args(options);
         for d in disks {
             c.arg("--disk").arg(d);
         }
