@@ -190,7 +190,19 @@ async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
     let (status, body) = post_batch(&c, &app, &t, "m1", bad).await;
     assert_eq!(status, 400);
     assert!(body.contains("checksum"), "{body}");
-    // Oversized.
+    // A packed write whose zstd frame holds another length than the write declares.
+    let mut builder = gateway::protocol::BatchBuilder::new(1 << 20);
+    builder.begin_write("disk0", 0);
+    builder.push_block(&[3u8; 65536], &[9u8; 16]);
+    let mut packed = gateway::protocol::pack_batch(&builder.finish(), Vec::new())
+        .unwrap()
+        .to_vec();
+    // header 12 | kind 1 | disk_len 1 | "disk0" | offset 8 | len 4
+    let len_at = 12 + 1 + 1 + 5 + 8;
+    packed[len_at..len_at + 4].copy_from_slice(&61440u32.to_be_bytes());
+    let (status, body) = post_batch(&c, &app, &t, "m1", packed).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("record 0: zstd frame content size 65536"), "{body}");
     // Oversized: the request declares 65 MiB and sends none of it, so the answer must come from
     // the declared length before the server reads any body.
     let head = format!(

@@ -25,8 +25,9 @@ use crate::server::{BookmarkRequest, DiskRequest, DiskResponse, ErrorBody, Regis
 pub const BATCH_BYTES: usize = 8 << 20;
 /// Longest extent in one record.
 pub const EXTENT_BYTES: u64 = 1 << 20;
-/// Batches in flight at once.
-pub const IN_FLIGHT: usize = 4;
+/// Batches in flight at once (each being compressed, sent, or committed by the server): six
+/// kept both cores busier than four (1 GiB syncs, alternating runs: 1.43 s against 1.55 s).
+pub const IN_FLIGHT: usize = 6;
 const READ_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Error)]
@@ -383,8 +384,10 @@ impl Agent {
         // Chunks not in the page cache are read directly (where the disk allows): no copy
         // through the cache, and the protected machine's own cached data is not evicted.
         let direct = crate::direct_io::open_direct(&spec.path);
+        // Bodies that are packed before sending need no CRCs of their own.
+        let checksums = !self.cfg.compress;
         let scanner = tokio::task::spawn_blocking(move || {
-            scan_disk(file, direct, size, &name, &replica, tx, free_rx, progress).map_err(|e| (path, e))
+            scan_disk(file, direct, size, &name, &replica, checksums, tx, free_rx, progress).map_err(|e| (path, e))
         });
         let mut summary = DiskSummary {
             disk: spec.name.clone(),
@@ -465,7 +468,8 @@ impl Agent {
 /// Reads the disk, diffs it against `replica` checksums, and sends batch bodies with
 /// `(body, data bytes, changed blocks, zeroed blocks)`. Changed blocks are copied once, from the
 /// read buffer straight into the body, with the checksums computed for the diff. Returns bytes
-/// scanned.
+/// scanned. With `checksums` false the bodies carry no CRCs (see
+/// [`BatchBuilder::without_checksums`]): they are packed before they are sent.
 #[allow(clippy::too_many_arguments)]
 fn scan_disk(
     file: File,
@@ -473,13 +477,15 @@ fn scan_disk(
     size: u64,
     disk: &str,
     replica: &[u8],
+    checksums: bool,
     tx: tokio::sync::mpsc::Sender<(Bytes, u64, u64, u64)>,
     free: crossbeam_channel::Receiver<bytes::BytesMut>,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> std::io::Result<u64> {
     // Room for a full batch plus one extent and the record framing, so the body never regrows.
     let capacity = BATCH_BYTES + EXTENT_BYTES as usize + (64 << 10);
-    let mut batch = BatchBuilder::new(capacity);
+    let builder = |b: BatchBuilder| if checksums { b } else { b.without_checksums() };
+    let mut batch = builder(BatchBuilder::new(capacity));
     let mut batch_bytes = 0usize;
     let (mut changed, mut zeroed) = (0u64, 0u64);
     // The zero range being built: (start, len).
@@ -489,8 +495,8 @@ fn scan_disk(
             return true;
         }
         let next = match free.try_recv() {
-            Ok(buf) if buf.capacity() >= capacity => BatchBuilder::with_buffer(buf),
-            _ => BatchBuilder::new(capacity),
+            Ok(buf) if buf.capacity() >= capacity => builder(BatchBuilder::with_buffer(buf)),
+            _ => builder(BatchBuilder::new(capacity)),
         };
         let body = std::mem::replace(batch, next).finish();
         let msg = (body, *batch_bytes as u64, *changed, *zeroed);

@@ -135,7 +135,7 @@ impl GatewayMetrics {
             ingest_bytes: IntCounterVec::new(
                 Opts::new(
                     "lifeboat_ingest_bytes_total",
-                    "Block data bytes committed to the journal.",
+                    "Block data bytes committed to the journal, as written to the disk (before compression).",
                 ),
                 &["machine", "disk"],
             )

@@ -188,6 +188,8 @@ pub struct BatchBuilder {
     /// needs no second pass over the payloads.
     crc: u32,
     crc_len: usize,
+    /// Whether CRCs are computed: not for a body that [`pack_batch`] re-encodes before sending.
+    checked: bool,
 }
 
 struct OpenWrite {
@@ -215,7 +217,15 @@ impl BatchBuilder {
             open: None,
             crc: 0,
             crc_len: BATCH_HEADER_LEN,
+            checked: true,
         }
+    }
+
+    /// A builder that leaves the writes' and the body's CRCs at zero: for a body that only
+    /// [`pack_batch`] reads, which checksums what it sends, so the data is not read twice more.
+    pub fn without_checksums(mut self) -> Self {
+        self.checked = false;
+        self
     }
 
     pub fn records(&self) -> u32 {
@@ -269,7 +279,9 @@ impl BatchBuilder {
     /// Appends one block (with its delta-sync checksum) to the open write.
     pub fn push_block(&mut self, data: &[u8], checksum: &[u8; 16]) {
         let w = self.open.as_mut().expect("push_block after begin_write");
-        w.payload_crc = crc32c::crc32c_append(w.payload_crc, data);
+        if self.checked {
+            w.payload_crc = crc32c::crc32c_append(w.payload_crc, data);
+        }
         w.sums.extend_from_slice(checksum);
         self.buf.put_slice(data);
     }
@@ -281,10 +293,12 @@ impl BatchBuilder {
         self.buf[w.payload_at - 8..w.payload_at - 4].copy_from_slice(&len.to_be_bytes());
         self.buf[w.payload_at - 4..w.payload_at].copy_from_slice(&w.payload_crc.to_be_bytes());
         // Body CRC: the bytes up to the payload, then the payload by combining its CRC.
-        debug_assert!(self.crc_len <= w.header_at);
-        self.add_crc(w.payload_at);
-        self.crc = crate::crc::combine(self.crc, w.payload_crc, len as usize);
-        self.crc_len = self.buf.len();
+        if self.checked {
+            debug_assert!(self.crc_len <= w.header_at);
+            self.add_crc(w.payload_at);
+            self.crc = crate::crc::combine(self.crc, w.payload_crc, len as usize);
+            self.crc_len = self.buf.len();
+        }
         self.buf.put_u32((w.sums.len() / 16) as u32);
         self.buf.put_slice(&w.sums);
         self.count += 1;
@@ -306,8 +320,12 @@ impl BatchBuilder {
     pub fn finish(mut self) -> Bytes {
         self.close_write();
         let end = self.buf.len();
-        self.add_crc(end);
         self.buf[8..12].copy_from_slice(&self.count.to_be_bytes());
+        if !self.checked {
+            self.buf.put_u32(0);
+            return self.buf.freeze();
+        }
+        self.add_crc(end);
         let head = crc32c::crc32c(&self.buf[..BATCH_HEADER_LEN]);
         let crc = crate::crc::combine(head, self.crc, end - BATCH_HEADER_LEN);
         self.buf.put_u32(crc);
@@ -348,7 +366,7 @@ thread_local! {
 /// its content size and checksum). Zero ranges and bookmarks stay as they are. `out` is a spent
 /// body's memory to build into (cleared first).
 pub fn pack_batch(body: &Bytes, mut out: Vec<u8>) -> Result<Bytes, FrameError> {
-    let records = decode_batch_with_sums(body.clone())?;
+    let records = decode_records(body.clone(), false)?;
     out.clear();
     out.put_slice(BATCH_MAGIC);
     out.put_u16(BATCH_VERSION);
@@ -411,6 +429,13 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
 /// (version 2): 16 bytes per block in [`blocks_touched`], sharing the body's memory; and each
 /// record's payload CRC32C, verified, so that the payload log need not read the payload again.
 pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<Bytes>, u32)>, FrameError> {
+    decode_records(body, true)
+}
+
+/// Decodes a batch body; with `verify` false, write payloads' CRCs and the body CRC are neither
+/// computed nor checked (for [`pack_batch`] on a body built in this process, whose writes'
+/// CRC fields may be left at zero by [`BatchBuilder::without_checksums`]).
+fn decode_records(body: Bytes, verify: bool) -> Result<Vec<(IngestRecord, Option<Bytes>, u32)>, FrameError> {
     if body.len() > MAX_BATCH_BYTES {
         return Err(FrameError::TooLarge(body.len()));
     }
@@ -479,15 +504,21 @@ pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<B
         }
         need(&buf, total - buf.remaining(), payload_len + 4)?;
         let payload = buf.split_to(payload_len);
-        let payload_crc = crc32c::crc32c(&payload);
+        let payload_crc = if verify || kind != RecordKind::Write {
+            crc32c::crc32c(&payload)
+        } else {
+            crc
+        };
         if payload_crc != crc {
             return Err(FrameError::BadRecordChecksum { index });
         }
-        // The body CRC over this record: its header bytes, then the payload's CRC combined.
-        let header_end = total - buf.remaining() - payload_len;
-        body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..header_end]);
-        body_crc = crate::crc::combine(body_crc, payload_crc, payload_len);
-        crc_at = header_end + payload_len;
+        if verify {
+            // The body CRC over this record: its header bytes, then the payload's CRC combined.
+            let header_end = total - buf.remaining() - payload_len;
+            body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..header_end]);
+            body_crc = crate::crc::combine(body_crc, payload_crc, payload_len);
+            crc_at = header_end + payload_len;
+        }
         if kind == RecordKind::PackedWrite {
             crate::zstd_frame::check(&payload, u64::from(len))
                 .map_err(|source| FrameError::BadFrame { index, source })?;
@@ -549,7 +580,7 @@ pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<B
         });
     }
     body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..total - 4]);
-    if body_crc != expected {
+    if verify && body_crc != expected {
         return Err(FrameError::BadChecksum);
     }
     Ok(records)
@@ -626,6 +657,18 @@ mod tests {
                 assert_eq!(p, r);
             }
         }
+        // A body built without checksums packs to the same bytes, and is refused as it is.
+        let mut b = BatchBuilder::new(1 << 20).without_checksums();
+        b.begin_write("disk0", 65536);
+        b.push_block(&[7u8; 65536], &[1u8; 16]);
+        b.push_block(&[8u8; 65536], &[2u8; 16]);
+        b.zero("disk0", 0, 65536);
+        b.begin_write("disk1", 0);
+        b.push_block(&[9u8; 100], &[3u8; 16]);
+        let unchecked = b.finish();
+        assert_eq!(unchecked.len(), body.len());
+        assert!(decode_batch(unchecked.clone()).is_err());
+        assert_eq!(pack_batch(&unchecked, Vec::new()).unwrap(), packed);
         // The 128 KiB of repeated bytes are sent as a few dozen.
         assert!(packed.len() < 1000, "packed body of {} bytes", packed.len());
         for i in 0..packed.len() {
