@@ -3,19 +3,28 @@
 //! On a generated mixed corpus (text, binary, zeros, random) it measures, as medians over runs:
 //! - Lifeboat end to end: first byte sent by `lifeboat agent sync` to the last segment durable in
 //!   the local-folder blob store, and the durable-ack throughput (agent start to last ack);
+//! - the appliance alone: the same data as the agent's packed batches, built in memory before
+//!   the clock starts and sent over HTTPS, to the last segment durable — what one appliance
+//!   takes in when the agents run on the protected machines, not on its own cores;
 //! - restic: `restic backup` of the same file into a fresh local repository;
 //! - the machine's limit for this pipeline: `zstd -1 -T1` of the file plus AES-256-GCM of the
 //!   compressed bytes on one core, times the core count;
 //!
 //! and prints the ratios. Build the binaries first: `cargo build --release --bins`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+
+mod appliance;
+use appliance::Appliance;
+
+/// The bench appliance's settings past the defaults: a cache that holds the whole corpus.
+const BENCH_CONFIG: &str = "[cache]\nmax_bytes = \"8GiB\"\n";
 
 #[derive(Parser)]
 #[command(about = "Lifeboat replication throughput vs restic and the zstd+AES limit")]
@@ -102,65 +111,13 @@ struct CpuUse {
     server_threads: std::collections::BTreeMap<String, f64>,
 }
 
-/// One Lifeboat run: returns (end-to-end seconds, ack seconds, CPU use).
-fn lifeboat_run(bin: &Path, corpus: &Path, dir: &Path) -> anyhow::Result<(Duration, Duration, CpuUse)> {
-    let blob = dir.join("blob");
-    std::fs::create_dir_all(dir)?;
-    let pass = dir.join("passphrase");
-    std::fs::write(&pass, "bench-passphrase\n")?;
-    let config = dir.join("lifeboat.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[listen]\nmanagement = \"127.0.0.1:0\"\nreplication = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nnbd = \"127.0.0.1:0\"\n[security]\npassphrase_file = \"{}\"\n[blob]\nurl = \"file://{}\"\n[cache]\nmax_bytes = \"8GiB\"\n",
-            dir.join("data").display(),
-            pass.display(),
-            blob.display()
-        ),
-    )?;
-    let mut server = Command::new(bin)
-        .args(["serve", "--json", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let ready: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("ready line {line:?}"))?;
-    let addr = ready["replication"]
-        .as_str()
-        .context("replication address")?
-        .to_string();
-    let cert = ready["cert"].as_str().context("cert")?.to_string();
+/// How long the segments may take to catch up.
+const CATCH_UP: Duration = Duration::from_secs(600);
 
-    let server_before = process_cpu(server.id());
-    let agent_times = dir.join("agent-times");
-    let started = Instant::now();
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "%U %S", "-o"])
-        .arg(&agent_times)
-        .arg(bin)
-        .args([
-            "agent",
-            "sync",
-            "--server",
-            &format!("https://{addr}"),
-            "--ca",
-            &cert,
-            "--passphrase-file",
-        ])
-        .arg(&pass)
-        .args(["--machine", "bench", "--json", "--disk"])
-        .arg(corpus)
-        .output()?;
-    let acked = started.elapsed();
-    if !out.status.success() {
-        let _ = server.kill();
-        bail!("agent failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let summary: gateway::agent::SyncSummary = serde_json::from_slice(&out.stdout)?;
-    let last = summary.disks[0].last_seq;
-    let segdir = blob.join("machines/bench/disks/disk0/segments");
+/// Waits until the segments of machine `bench`, disk0, in the blob folder of the appliance
+/// started under `dir` reach sequence number `last`.
+fn wait_for_segments(dir: &Path, last: u64, started: Instant) -> anyhow::Result<()> {
+    let segdir = dir.join("blob/machines/bench/disks/disk0/segments");
     loop {
         let through = std::fs::read_dir(&segdir)
             .map(|rd| {
@@ -173,18 +130,48 @@ fn lifeboat_run(bin: &Path, corpus: &Path, dir: &Path) -> anyhow::Result<(Durati
             })
             .unwrap_or(0);
         if through >= last {
-            break;
+            return Ok(());
         }
-        if started.elapsed() > Duration::from_secs(600) {
+        if started.elapsed() > CATCH_UP {
             bail!("segments never caught up");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// One Lifeboat run: returns (end-to-end seconds, ack seconds, CPU use).
+fn lifeboat_run(bin: &Path, corpus: &Path, dir: &Path) -> anyhow::Result<(Duration, Duration, CpuUse)> {
+    let (app, _) = Appliance::start(bin, dir, BENCH_CONFIG)?;
+    let server_before = process_cpu(app.server.id());
+    let agent_times = dir.join("agent-times");
+    let started = Instant::now();
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%U %S", "-o"])
+        .arg(&agent_times)
+        .arg(bin)
+        .args([
+            "agent",
+            "sync",
+            "--server",
+            &format!("https://{}", app.addr),
+            "--ca",
+            &app.cert,
+            "--passphrase-file",
+        ])
+        .arg(&app.pass)
+        .args(["--machine", "bench", "--json", "--disk"])
+        .arg(corpus)
+        .output()?;
+    let acked = started.elapsed();
+    if !out.status.success() {
+        bail!("agent failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let summary: gateway::agent::SyncSummary = serde_json::from_slice(&out.stdout)?;
+    wait_for_segments(dir, summary.disks[0].last_seq, started)?;
     let end_to_end = started.elapsed();
-    let server_threads = thread_cpu(server.id());
-    let server_cpu = process_cpu(server.id()) - server_before;
-    let _ = server.kill();
-    let _ = server.wait();
+    let server_threads = thread_cpu(app.server.id());
+    let server_cpu = process_cpu(app.server.id()) - server_before;
+    drop(app);
     let agent: f64 = std::fs::read_to_string(&agent_times)
         .unwrap_or_default()
         .lines()
@@ -199,6 +186,78 @@ fn lifeboat_run(bin: &Path, corpus: &Path, dir: &Path) -> anyhow::Result<(Durati
         server_threads,
     };
     Ok((end_to_end, acked, cpu))
+}
+
+/// The batches an agent's first sync of `corpus` sends, packed (compressed), built once in
+/// memory: every non-zero 64 KiB block, in writes of up to 1 MiB, 8 MiB of data per batch.
+fn packed_batches(corpus: &Path) -> anyhow::Result<Vec<bytes::Bytes>> {
+    use gateway::journal::{block_checksum, is_zero, BLOCK_SIZE};
+    use gateway::protocol::{pack_batch, BatchBuilder};
+    let data = std::fs::read(corpus)?;
+    let mut out = Vec::new();
+    let mut batch = BatchBuilder::new(9 << 20);
+    let (mut batch_bytes, mut run_end, mut run_len) = (0usize, u64::MAX, 0usize);
+    for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+        let off = i as u64 * BLOCK_SIZE;
+        if is_zero(block) {
+            continue;
+        }
+        if off != run_end || run_len >= gateway::agent::EXTENT_BYTES as usize {
+            batch.begin_write("disk0", off);
+            run_len = 0;
+        }
+        batch.push_block(block, &block_checksum(block));
+        run_end = off + block.len() as u64;
+        run_len += block.len();
+        batch_bytes += block.len();
+        if batch_bytes >= gateway::agent::BATCH_BYTES {
+            let full = std::mem::replace(&mut batch, BatchBuilder::new(9 << 20)).finish();
+            out.push(pack_batch(&full, Vec::new())?);
+            (batch_bytes, run_end) = (0, u64::MAX);
+        }
+    }
+    if !batch.is_empty() {
+        out.push(pack_batch(&batch.finish(), Vec::new())?);
+    }
+    Ok(out)
+}
+
+/// The appliance alone: a fresh appliance ingests `batches` (an agent's packed first sync,
+/// prepared in memory beforehand, so the agent's reading, hashing and compression are not
+/// measured) sent over HTTPS with the agent's batches in flight, until the last segment is
+/// durable. Returns (seconds, appliance CPU seconds).
+fn appliance_run(bin: &Path, batches: &[bytes::Bytes], size: u64, dir: &Path) -> anyhow::Result<(Duration, f64)> {
+    use futures::stream::{self, StreamExt};
+    let (app, _) = Appliance::start(bin, dir, BENCH_CONFIG)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (started, cpu_before, last) = runtime.block_on(async {
+        let agent = gateway::agent::Agent::connect(gateway::agent::AgentConfig {
+            server: format!("https://{}", app.addr),
+            ca_pem: Some(std::fs::read(&app.cert)?),
+            passphrase: "bench-passphrase".into(),
+            machine: "bench".into(),
+            retry_for: Duration::from_secs(60),
+            compress: true,
+        })
+        .await?;
+        agent.register_disk("disk0", size).await?;
+        let cpu_before = process_cpu(app.server.id());
+        let started = Instant::now();
+        let acks: Vec<_> = stream::iter(batches)
+            .map(|b| agent.send_body(b))
+            .buffer_unordered(gateway::agent::IN_FLIGHT)
+            .collect()
+            .await;
+        let mut last = 0;
+        for ack in acks {
+            last = last.max(ack?.seqs.get("disk0").copied().unwrap_or(0));
+        }
+        anyhow::Ok((started, cpu_before, last))
+    })?;
+    wait_for_segments(dir, last, started)?;
+    let took = started.elapsed();
+    let cpu = process_cpu(app.server.id()) - cpu_before;
+    Ok((took, cpu))
 }
 
 fn restic_run(corpus: &Path, dir: &Path) -> anyhow::Result<Duration> {
@@ -302,6 +361,8 @@ fn main() -> anyhow::Result<()> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let gib = size as f64 / (1u64 << 30) as f64;
     let mut ratio = 0.0;
+    let batches = packed_batches(&corpus)?;
+    let (mut alone, mut alone_cpu) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
         let dir = tempfile::tempdir_in(&args.workdir)?;
         let (e, a, cpu) = lifeboat_run(&bin, &corpus, &dir.path().join("lifeboat"))?;
@@ -316,6 +377,9 @@ fn main() -> anyhow::Result<()> {
             .map(|(n, s)| format!("{n} {s:.2}"))
             .collect();
         eprintln!("run {}: server CPU s by thread: {}", run + 1, threads.join(", "));
+        let (t, cpu) = appliance_run(&bin, &batches, size, &dir.path().join("appliance-alone"))?;
+        alone.push(mbps(size, t));
+        alone_cpu.push(cpu / gib);
         let children_before = children_cpu();
         let r = restic_run(&corpus, dir.path())?;
         restic.push(mbps(size, r));
@@ -329,19 +393,22 @@ fn main() -> anyhow::Result<()> {
         limit_cpu.push((zstd_cpu + thread_cpu_self() - cpu_started) / gib);
         limit1.push(mbps(size, z + aes));
         eprintln!(
-            "run {}: lifeboat e2e {:.0} MB/s (ack {:.0}), restic {:.0} MB/s, zstd+aes {:.0} MB/s/core; CPU s/GiB: agent {:.2}, server {:.2}, restic {:.2}, zstd+aes {:.2}",
+            "run {}: lifeboat e2e {:.0} MB/s (ack {:.0}), appliance alone {:.0} MB/s, restic {:.0} MB/s, zstd+aes {:.0} MB/s/core; CPU s/GiB: agent {:.2}, server {:.2} (alone {:.2}), restic {:.2}, zstd+aes {:.2}",
             run + 1,
             e2e[run],
             ack[run],
+            alone[run],
             restic[run],
             limit1[run],
             agent_cpu[run],
             server_cpu[run],
+            alone_cpu[run],
             restic_cpu[run],
             limit_cpu[run]
         );
     }
     let (e2e, ack, restic, limit1) = (median(e2e), median(ack), median(restic), median(limit1));
+    let (alone, alone_cpu) = (median(alone), median(alone_cpu));
     let (agent_cpu, server_cpu, restic_cpu, limit_cpu) = (
         median(agent_cpu),
         median(server_cpu),
@@ -355,6 +422,8 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  lifeboat end to end (agent → durable segments)  {e2e:>7.0} MB/s");
     println!("  lifeboat durable ack                            {ack:>7.0} MB/s");
+    println!("  appliance alone (agent's packed batches, built  {alone:>7.0} MB/s");
+    println!("    beforehand, sent over HTTPS → durable segments)");
     println!("  restic backup (peer)                            {restic:>7.0} MB/s");
     println!("  zstd -1 -T1 + AES-256-GCM, per core             {limit1:>7.0} MB/s");
     println!("  ... on {cores} cores (the pipeline's limit)           {limit:>7.0} MB/s");
@@ -367,7 +436,11 @@ fn main() -> anyhow::Result<()> {
         100.0 * e2e / limit
     );
     println!(
-        "  CPU s/GiB: lifeboat agent {agent_cpu:.2} + server {server_cpu:.2} = {:.2}; restic {restic_cpu:.2}; zstd+AES {limit_cpu:.2}",
+        "  ratio appliance alone / zstd+AES limit           {:>7.0}%",
+        100.0 * alone / limit
+    );
+    println!(
+        "  CPU s/GiB: lifeboat agent {agent_cpu:.2} + server {server_cpu:.2} = {:.2} (appliance alone {alone_cpu:.2}); restic {restic_cpu:.2}; zstd+AES {limit_cpu:.2}",
         agent_cpu + server_cpu
     );
     if args.json {
@@ -375,6 +448,7 @@ fn main() -> anyhow::Result<()> {
             "{}",
             serde_json::json!({"size_mib": args.size_mib, "runs": args.runs, "cores": cores, "zstd_ratio": ratio,
                 "lifeboat_e2e_mbps": e2e, "lifeboat_ack_mbps": ack, "restic_mbps": restic,
+                "appliance_alone_mbps": alone, "appliance_alone_cpu_s_per_gib": alone_cpu,
                 "zstd_aes_per_core_mbps": limit1, "zstd_aes_limit_mbps": limit,
                 "ratio_vs_restic": e2e / restic, "fraction_of_limit": e2e / limit,
                 "agent_cpu_s_per_gib": agent_cpu, "server_cpu_s_per_gib": server_cpu,

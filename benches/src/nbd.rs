@@ -8,7 +8,7 @@
 //!
 //! Build the binaries first: `cargo build --release --bins`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
+
+mod appliance;
 
 #[derive(Parser)]
 #[command(about = "Lifeboat NBD reads of a recovery point vs qemu-nbd serving a raw file")]
@@ -179,36 +181,21 @@ fn main() -> anyhow::Result<()> {
     let size = a.size_mib << 20;
     eprintln!("bench: generating a {} MiB disk", a.size_mib);
     gateway::testkit::make_disk(&disk, size, 5)?;
-    let pass = dir.join("passphrase");
-    std::fs::write(&pass, "bench-passphrase\n")?;
-    let config = dir.join("lifeboat.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[listen]\nmanagement = \"127.0.0.1:0\"\nreplication = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nnbd = \"127.0.0.1:0\"\n[security]\npassphrase_file = \"{}\"\n[blob]\nurl = \"file://{}\"\n[cache]\nchunk_cache_bytes = \"{}MiB\"\n[policy]\ncrash_consistent_interval = \"24h\"\n",
-            dir.join("data").display(),
-            pass.display(),
-            dir.join("blob").display(),
+    let (app, ready) = appliance::Appliance::start(
+        &lifeboat,
+        &dir,
+        &format!(
+            "[cache]\nchunk_cache_bytes = \"{}MiB\"\n[policy]\ncrash_consistent_interval = \"24h\"\n",
             a.size_mib * 2
         ),
     )?;
-    let mut child = Command::new(&lifeboat)
-        .args(["serve", "--json", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let _server = Server(child);
-    let ready: serde_json::Value = serde_json::from_str(&line).context("ready line")?;
-    let get = |k: &str| ready[k].as_str().map(str::to_string).context("ready line field");
-    let (repl, nbd, cert) = (get("replication")?, get("nbd")?, get("cert")?);
+    let nbd = ready["nbd"].as_str().map(str::to_string).context("ready line field")?;
+    let (repl, cert, pass) = (&app.addr, &app.cert, &app.pass);
     let agent = |sub: &str| {
         let mut c = Command::new(&lifeboat);
-        c.args(["agent", sub, "--server", &format!("https://{repl}"), "--ca", &cert])
+        c.args(["agent", sub, "--server", &format!("https://{repl}"), "--ca", cert])
             .arg("--passphrase-file")
-            .arg(&pass)
+            .arg(pass)
             .args(["--machine", "bench"])
             .env("RUST_LOG", "warn");
         c
@@ -226,7 +213,7 @@ fn main() -> anyhow::Result<()> {
     let list_points = || -> anyhow::Result<serde_json::Value> {
         let out = run(Command::new(&lifeboat)
             .args(["points", "list", "--json", "--machine", "bench", "--config"])
-            .arg(&config)
+            .arg(dir.join("lifeboat.toml"))
             .env("RUST_LOG", "warn"))?;
         Ok(serde_json::from_slice(&out.stdout)?)
     };

@@ -311,7 +311,8 @@ impl Agent {
         resp.json().await.map_err(|e| describe(&e, &self.cfg.server))
     }
 
-    async fn register_disk(&self, disk: &str, size: u64) -> Result<DiskResponse, AgentError> {
+    /// Registers a disk of `size` bytes with the process server (again: no change).
+    pub async fn register_disk(&self, disk: &str, size: u64) -> Result<DiskResponse, AgentError> {
         let url = self.url(&format!("disks/{disk}"));
         let req = DiskRequest { size };
         let resp = self.send_retrying(|| self.http.put(&url).json(&req)).await?;
