@@ -49,6 +49,8 @@ pub enum AgentError {
     },
     #[error("invalid CA certificate {0}")]
     BadCa(String),
+    #[error("could not pack a batch for sending: {0}")]
+    Pack(#[from] crate::protocol::FrameError),
     #[error("gave up after {0:?} of failed retries: {1}")]
     GaveUp(Duration, String),
 }
@@ -422,10 +424,7 @@ impl Agent {
                                 })
                                 .await
                                 .expect("packing task")
-                                .map_err(|e| AgentError::Refused {
-                                    status: 0,
-                                    message: format!("packing a batch: {e}"),
-                                })
+                                .map_err(AgentError::from)
                             } else {
                                 Ok(body)
                             };

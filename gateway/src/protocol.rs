@@ -30,6 +30,9 @@ pub const BATCH_MAGIC: &[u8; 4] = b"LBAT";
 pub const BATCH_VERSION: u16 = 3;
 /// The oldest batch format version the server still accepts (no block checksums).
 pub const BATCH_VERSION_MIN: u16 = 1;
+/// The version [`BatchBuilder`] writes: its bodies hold no packed writes, so an appliance that
+/// predates them takes them too (`agent sync --no-compress`).
+const BATCH_VERSION_SUMS: u16 = 2;
 /// Largest batch body the server accepts.
 pub const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Largest single record payload (a write extent).
@@ -208,7 +211,7 @@ impl BatchBuilder {
     pub fn with_buffer(mut buf: BytesMut) -> Self {
         buf.clear();
         buf.put_slice(BATCH_MAGIC);
-        buf.put_u16(BATCH_VERSION);
+        buf.put_u16(BATCH_VERSION_SUMS);
         buf.put_u16(0);
         buf.put_u32(0);
         Self {
@@ -372,6 +375,9 @@ pub fn pack_batch(body: &Bytes, mut out: Vec<u8>) -> Result<Bytes, FrameError> {
     out.put_u16(BATCH_VERSION);
     out.put_u16(0);
     out.put_u32(records.len() as u32);
+    // The body CRC, kept up to `crc_at` as the body grows; each frame's CRC is combined into it
+    // rather than read a second time.
+    let (mut body_crc, mut crc_at) = (0u32, 0usize);
     PACKER.with(|packer| {
         let mut packer = packer.borrow_mut();
         for (index, (r, sums, crc)) in records.into_iter().enumerate() {
@@ -399,13 +405,16 @@ pub fn pack_batch(body: &Bytes, mut out: Vec<u8>) -> Result<Bytes, FrameError> {
             let frame_crc = crc32c::crc32c(&out[fields + 8..]);
             out[fields..fields + 4].copy_from_slice(&frame_crc.to_be_bytes());
             out[fields + 4..fields + 8].copy_from_slice(&(frame_len as u32).to_be_bytes());
+            body_crc = crc32c::crc32c_append(body_crc, &out[crc_at..fields + 8]);
+            body_crc = crate::crc::combine(body_crc, frame_crc, frame_len);
+            crc_at = out.len();
             out.put_u32((sums.len() / 16) as u32);
             out.put_slice(&sums);
         }
         Ok(())
     })?;
-    let crc = crc32c::crc32c(&out);
-    out.put_u32(crc);
+    let body_crc = crc32c::crc32c_append(body_crc, &out[crc_at..]);
+    out.put_u32(body_crc);
     Ok(Bytes::from(out))
 }
 
@@ -679,6 +688,8 @@ mod tests {
         for cut in 0..packed.len() {
             assert!(decode_batch(packed.slice(..cut)).is_err(), "cut at {cut} accepted");
         }
+        // Built bodies stay version 2 (an older appliance takes them); packed ones are 3.
+        assert_eq!((&body[4..6], &packed[4..6]), (&[0u8, 2][..], &[0u8, 3][..]));
         // A version 2 body cannot carry packed writes.
         let mut old = packed.to_vec();
         old[5] = 2;
