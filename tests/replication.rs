@@ -37,12 +37,26 @@ async fn two_syncs_replay_exactly(blob: BlobTarget, dir: &std::path::Path, secon
         "the first sync sends the data ({})",
         first.bytes_sent
     );
+    assert!(
+        first.wire_bytes < first.bytes_sent * 3 / 4,
+        "the agent compresses ({} of {} bytes on the wire)",
+        first.wire_bytes,
+        first.bytes_sent
+    );
     let seq1 = first.disks[0].last_seq;
 
     scribble(&disk, 200, 2).unwrap();
     let second = app.sync_with("web01", &[&disk], second_options);
     let seq2 = second.disks[0].last_seq;
     assert!(seq2 > seq1);
+    let uncompressed = second_options.contains(&"--no-compress");
+    assert_eq!(
+        second.wire_bytes > second.bytes_sent,
+        uncompressed,
+        "{second_options:?}: {} of {} bytes on the wire",
+        second.wire_bytes,
+        second.bytes_sent
+    );
     assert!(
         second.bytes_sent < DISK_SIZE / 8,
         "a delta sync sends only changed blocks ({})",

@@ -445,10 +445,11 @@ async fn agent_sync(
             println!("{}", serde_json::to_string(&summary)?);
         } else {
             println!(
-                "synced {}: scanned {}, sent {} in {:.1}s",
+                "synced {}: scanned {}, sent {} ({} on the wire) in {:.1}s",
                 summary.machine,
                 bytesize::ByteSize(summary.bytes_scanned),
                 bytesize::ByteSize(summary.bytes_sent),
+                bytesize::ByteSize(summary.wire_bytes),
                 summary.seconds
             );
             for d in &summary.disks {

@@ -82,7 +82,11 @@ pub struct DiskSummary {
     pub disk: String,
     pub size: u64,
     pub bytes_scanned: u64,
+    /// Block data sent, as on the disk.
     pub bytes_sent: u64,
+    /// Batch bytes that crossed the network for it (compressed, with framing).
+    #[serde(default)]
+    pub wire_bytes: u64,
     pub blocks_changed: u64,
     pub blocks_zeroed: u64,
     /// Highest sequence number acked for this disk (0 if nothing was sent).
@@ -95,6 +99,8 @@ pub struct SyncSummary {
     pub disks: Vec<DiskSummary>,
     pub bytes_scanned: u64,
     pub bytes_sent: u64,
+    #[serde(default)]
+    pub wire_bytes: u64,
     pub seconds: f64,
 }
 
@@ -342,6 +348,7 @@ impl Agent {
             let d = self.sync_disk(spec, progress.clone()).await?;
             summary.bytes_scanned += d.bytes_scanned;
             summary.bytes_sent += d.bytes_sent;
+            summary.wire_bytes += d.wire_bytes;
             summary.disks.push(d);
         }
         summary.seconds = started.elapsed().as_secs_f64();
@@ -438,6 +445,7 @@ impl Agent {
                 },
                 Some((ack, body)) = in_flight.next(), if !in_flight.is_empty() => {
                     let ack = ack?;
+                    summary.wire_bytes += body.len() as u64;
                     if let Ok(buf) = body.try_into_mut() {
                         if compress {
                             spare_packed.push(buf.into());
