@@ -333,28 +333,17 @@ mod tests {
         for len in [0usize, 1, 15, 16, 17, 4095, 1 << 20] {
             let plain: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
             let nonce = chunk_nonce(len as u64, 3);
-            let by_ring = seal(&k, nonce, b"segment header", &plain);
+            let aad = b"segment header";
+            let by_ring = seal(&k, nonce, aad, &plain);
             let by_crate = k
                 .cipher()
-                .encrypt(
-                    Nonce::from_slice(&nonce),
-                    Payload {
-                        msg: &plain,
-                        aad: b"segment header",
-                    },
-                )
+                .encrypt(Nonce::from_slice(&nonce), Payload { msg: &plain, aad })
                 .unwrap();
             assert_eq!(by_ring, by_crate, "same ciphertext and tag at {len} bytes");
-            assert_eq!(open(&k, nonce, b"segment header", &by_crate, "c").unwrap(), plain);
+            assert_eq!(open(&k, nonce, aad, &by_crate, "c").unwrap(), plain);
             let opened = k
                 .cipher()
-                .decrypt(
-                    Nonce::from_slice(&nonce),
-                    Payload {
-                        msg: &by_ring,
-                        aad: b"segment header",
-                    },
-                )
+                .decrypt(Nonce::from_slice(&nonce), Payload { msg: &by_ring, aad })
                 .unwrap();
             assert_eq!(opened, plain);
         }

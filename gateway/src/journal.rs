@@ -1643,18 +1643,25 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn several_plans_per_disk_in_order_and_old_plan_keys_are_migrated() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path(), 1 << 30).unwrap();
+    /// A journal under `dir` with one 1 MiB disk and `batches` committed writes of `size` bytes
+    /// (batch `n` writes bytes of value `n` at `n * size`).
+    async fn journal_with_writes(dir: &Path, batches: u64, size: usize) -> (Journal, DiskMeta) {
+        let j = Journal::open(dir, 1 << 30).unwrap();
         let d = j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
-        for batch in 1..=3u64 {
+        for batch in 1..=batches {
             let rec = prepare(
-                IngestRecord::write("disk0", batch * 4096, Bytes::from(vec![1u8; 4096])),
+                IngestRecord::write("disk0", batch * size as u64, Bytes::from(vec![batch as u8; size])),
                 1 << 20,
             );
             j.commit("m", 1, batch, vec![rec]).await.unwrap();
         }
+        (j, d)
+    }
+
+    #[tokio::test]
+    async fn several_plans_per_disk_in_order_and_old_plan_keys_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, d) = journal_with_writes(dir.path(), 3, 4096).await;
         let a = j.plan_segment(d.id, 1, 1).await.unwrap();
         let b = j.plan_segment(d.id, 2, 3).await.unwrap();
         assert_ne!(a.counter, b.counter, "each segment its own nonce counter");
@@ -1683,15 +1690,7 @@ mod tests {
     #[tokio::test]
     async fn plans_made_together_follow_one_another_and_spans_match_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path(), 1 << 30).unwrap();
-        let d = j.register_disk("m", "disk0", 1 << 20, 1).await.unwrap();
-        for batch in 1..=6u64 {
-            let rec = prepare(
-                IngestRecord::write("disk0", batch * 8192, Bytes::from(vec![batch as u8; 8192])),
-                1 << 20,
-            );
-            j.commit("m", 1, batch, vec![rec]).await.unwrap();
-        }
+        let (j, d) = journal_with_writes(dir.path(), 6, 8192).await;
         // A span is what read_records gives for the same budget, from pointers alone.
         for (from, budget) in [(1u64, 8192usize), (1, 8193), (2, 3 * 8192), (5, usize::MAX)] {
             let (first, last, bytes) = j.span_records(d.id, from, budget).unwrap().unwrap();

@@ -95,16 +95,6 @@ impl IngestRecord {
             payload: data,
         }
     }
-    /// A write of `len` bytes at `offset` whose payload `frame` is their zstd frame.
-    pub fn packed(disk: &str, offset: u64, len: u32, frame: Bytes) -> Self {
-        Self {
-            kind: RecordKind::PackedWrite,
-            disk: disk.to_owned(),
-            offset,
-            len,
-            payload: frame,
-        }
-    }
     pub fn zero(disk: &str, offset: u64, len: u32) -> Self {
         Self {
             kind: RecordKind::Zero,
