@@ -26,7 +26,7 @@ pub mod consistency;
 pub mod crc;
 pub mod crypto;
 pub mod direct_io;
-pub mod disk_read;
+pub mod disk_scan;
 pub mod events;
 pub mod groups;
 pub mod journal;

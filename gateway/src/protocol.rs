@@ -181,8 +181,6 @@ pub struct BatchBuilder {
     /// needs no second pass over the payloads.
     crc: u32,
     crc_len: usize,
-    /// Whether CRCs are computed: not for a body that [`pack_batch`] re-encodes before sending.
-    checked: bool,
 }
 
 struct OpenWrite {
@@ -210,15 +208,7 @@ impl BatchBuilder {
             open: None,
             crc: 0,
             crc_len: BATCH_HEADER_LEN,
-            checked: true,
         }
-    }
-
-    /// A builder that leaves the writes' and the body's CRCs at zero: for a body that only
-    /// [`pack_batch`] reads, which checksums what it sends, so the data is not read twice more.
-    pub fn without_checksums(mut self) -> Self {
-        self.checked = false;
-        self
     }
 
     pub fn records(&self) -> u32 {
@@ -272,9 +262,7 @@ impl BatchBuilder {
     /// Appends one block (with its delta-sync checksum) to the open write.
     pub fn push_block(&mut self, data: &[u8], checksum: &[u8; 16]) {
         let w = self.open.as_mut().expect("push_block after begin_write");
-        if self.checked {
-            w.payload_crc = crc32c::crc32c_append(w.payload_crc, data);
-        }
+        w.payload_crc = crc32c::crc32c_append(w.payload_crc, data);
         w.sums.extend_from_slice(checksum);
         self.buf.put_slice(data);
     }
@@ -286,12 +274,10 @@ impl BatchBuilder {
         self.buf[w.payload_at - 8..w.payload_at - 4].copy_from_slice(&len.to_be_bytes());
         self.buf[w.payload_at - 4..w.payload_at].copy_from_slice(&w.payload_crc.to_be_bytes());
         // Body CRC: the bytes up to the payload, then the payload by combining its CRC.
-        if self.checked {
-            debug_assert!(self.crc_len <= w.header_at);
-            self.add_crc(w.payload_at);
-            self.crc = crate::crc::combine(self.crc, w.payload_crc, len as usize);
-            self.crc_len = self.buf.len();
-        }
+        debug_assert!(self.crc_len <= w.header_at);
+        self.add_crc(w.payload_at);
+        self.crc = crate::crc::combine(self.crc, w.payload_crc, len as usize);
+        self.crc_len = self.buf.len();
         self.buf.put_u32((w.sums.len() / 16) as u32);
         self.buf.put_slice(&w.sums);
         self.count += 1;
@@ -314,10 +300,6 @@ impl BatchBuilder {
         self.close_write();
         let end = self.buf.len();
         self.buf[8..12].copy_from_slice(&self.count.to_be_bytes());
-        if !self.checked {
-            self.buf.put_u32(0);
-            return self.buf.freeze();
-        }
         self.add_crc(end);
         let head = crc32c::crc32c(&self.buf[..BATCH_HEADER_LEN]);
         let crc = crate::crc::combine(head, self.crc, end - BATCH_HEADER_LEN);
@@ -354,58 +336,123 @@ thread_local! {
         std::cell::RefCell::new(crate::zstd_frame::checked_compressor());
 }
 
-/// Re-encodes a batch body whose writes carry block checksums (what [`BatchBuilder`] makes) as
-/// a version 3 body of packed writes: each write's data becomes one zstd frame (level 1, with
-/// its content size and checksum). Zero ranges and bookmarks stay as they are. `out` is a spent
-/// body's memory to build into (cleared first).
-pub fn pack_batch(body: &Bytes, mut out: Vec<u8>) -> Result<Bytes, FrameError> {
-    let records = decode_records(body.clone(), false)?;
-    out.clear();
-    out.put_slice(BATCH_MAGIC);
-    out.put_u16(BATCH_VERSION);
-    out.put_u16(0);
-    out.put_u32(records.len() as u32);
-    // The body CRC, kept up to `crc_at` as the body grows; each frame's CRC is combined into it
-    // rather than read a second time.
-    let (mut body_crc, mut crc_at) = (0u32, 0usize);
-    PACKER.with(|packer| {
-        let mut packer = packer.borrow_mut();
-        for (index, (r, sums, crc)) in records.into_iter().enumerate() {
-            let packs = r.kind == RecordKind::Write;
-            out.put_u8(if packs { RecordKind::PackedWrite } else { r.kind } as u8);
-            out.put_u8(r.disk.len() as u8);
-            out.put_slice(r.disk.as_bytes());
-            out.put_u64(r.offset);
-            out.put_u32(r.len);
-            if !packs {
-                out.put_u32(crc);
-                out.put_slice(&r.payload);
-                continue;
-            }
-            let Some(sums) = sums else {
-                return Err(FrameError::BadRecord {
-                    index: index as u32,
-                    reason: "a write without block checksums cannot be packed",
-                });
-            };
-            let fields = out.len();
-            out.put_u32(0);
-            out.put_u32(0);
-            let frame_len = crate::zstd_frame::compress_append(&mut packer, &r.payload, &mut out);
-            let frame_crc = crc32c::crc32c(&out[fields + 8..]);
-            out[fields..fields + 4].copy_from_slice(&frame_crc.to_be_bytes());
-            out[fields + 4..fields + 8].copy_from_slice(&(frame_len as u32).to_be_bytes());
-            body_crc = crc32c::crc32c_append(body_crc, &out[crc_at..fields + 8]);
-            body_crc = crate::crc::combine(body_crc, frame_crc, frame_len);
-            crc_at = out.len();
-            out.put_u32((sums.len() / 16) as u32);
-            out.put_slice(&sums);
+/// Builds a version 3 body of packed writes in place: each write's data is compressed straight
+/// from the caller's memory (the agent's read buffer) into the body as one zstd frame (level 1,
+/// with its content size and checksum), so block data is never copied raw on the way out.
+pub struct PackedBatchBuilder {
+    out: Vec<u8>,
+    count: u32,
+    /// Bytes of write data taken in (before compression).
+    data: usize,
+    /// CRC32C of the body after its header, kept up to `crc_at`: each frame's CRC is combined
+    /// in rather than the frame read a second time.
+    crc: u32,
+    crc_at: usize,
+}
+
+impl PackedBatchBuilder {
+    /// A builder writing into `out` (cleared first): a sent body's memory, reused.
+    pub fn with_buffer(mut out: Vec<u8>) -> Self {
+        out.clear();
+        out.put_slice(BATCH_MAGIC);
+        out.put_u16(BATCH_VERSION);
+        out.put_u16(0);
+        out.put_u32(0);
+        Self {
+            out,
+            count: 0,
+            data: 0,
+            crc: 0,
+            crc_at: BATCH_HEADER_LEN,
         }
-        Ok(())
-    })?;
-    let body_crc = crc32c::crc32c_append(body_crc, &out[crc_at..]);
-    out.put_u32(body_crc);
-    Ok(Bytes::from(out))
+    }
+
+    pub fn records(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of write data in the body, as written to the disk (before compression).
+    pub fn data_len(&self) -> usize {
+        self.data
+    }
+
+    fn head(&mut self, kind: RecordKind, disk: &str, offset: u64, len: u32) {
+        self.out.put_u8(kind as u8);
+        self.out.put_u8(disk.len() as u8);
+        self.out.put_slice(disk.as_bytes());
+        self.out.put_u64(offset);
+        self.out.put_u32(len);
+        self.count += 1;
+    }
+
+    /// Appends a write of `data` at `offset` of `disk`, compressed, with the delta-sync checksums
+    /// of the blocks it touches (16 bytes each).
+    pub fn write(&mut self, disk: &str, offset: u64, data: &[u8], sums: &[u8]) {
+        debug_assert_eq!(sums.len() as u64, 16 * blocks_touched(offset, data.len() as u32));
+        self.head(RecordKind::PackedWrite, disk, offset, data.len() as u32);
+        let fields = self.out.len();
+        self.out.put_u32(0);
+        self.out.put_u32(0);
+        let frame_len =
+            PACKER.with(|packer| crate::zstd_frame::compress_append(&mut packer.borrow_mut(), data, &mut self.out));
+        let frame_crc = crc32c::crc32c(&self.out[fields + 8..]);
+        self.out[fields..fields + 4].copy_from_slice(&frame_crc.to_be_bytes());
+        self.out[fields + 4..fields + 8].copy_from_slice(&(frame_len as u32).to_be_bytes());
+        self.crc = crc32c::crc32c_append(self.crc, &self.out[self.crc_at..fields + 8]);
+        self.crc = crate::crc::combine(self.crc, frame_crc, frame_len);
+        self.crc_at = self.out.len();
+        self.out.put_u32((sums.len() / 16) as u32);
+        self.out.put_slice(sums);
+        self.data += data.len();
+    }
+
+    /// Appends a zero-range record.
+    pub fn zero(&mut self, disk: &str, offset: u64, len: u32) {
+        self.record(RecordKind::Zero, disk, offset, len, &[]);
+    }
+
+    /// Appends a record that is not a write (a zero range, a bookmark) as it is.
+    fn record(&mut self, kind: RecordKind, disk: &str, offset: u64, len: u32, payload: &[u8]) {
+        self.head(kind, disk, offset, len);
+        self.out.put_u32(crc32c::crc32c(payload));
+        self.out.put_slice(payload);
+    }
+
+    /// Closes the body: record count and body CRC.
+    pub fn finish(mut self) -> Bytes {
+        let end = self.out.len();
+        self.out[8..12].copy_from_slice(&self.count.to_be_bytes());
+        let rest = crc32c::crc32c_append(self.crc, &self.out[self.crc_at..end]);
+        let head = crc32c::crc32c(&self.out[..BATCH_HEADER_LEN]);
+        let crc = crate::crc::combine(head, rest, end - BATCH_HEADER_LEN);
+        self.out.put_u32(crc);
+        Bytes::from(self.out)
+    }
+}
+
+/// Re-encodes a batch body whose writes carry block checksums (what [`BatchBuilder`] makes) as
+/// a version 3 body of packed writes, as [`PackedBatchBuilder`] builds them. Zero ranges and
+/// bookmarks stay as they are. `out` is a spent body's memory to build into (cleared first).
+pub fn pack_batch(body: &Bytes, out: Vec<u8>) -> Result<Bytes, FrameError> {
+    let mut packed = PackedBatchBuilder::with_buffer(out);
+    for (index, (r, sums, _)) in decode_batch_with_sums(body.clone())?.into_iter().enumerate() {
+        if r.kind != RecordKind::Write {
+            packed.record(r.kind, &r.disk, r.offset, r.len, &r.payload);
+            continue;
+        }
+        let Some(sums) = sums else {
+            return Err(FrameError::BadRecord {
+                index: index as u32,
+                reason: "a write without block checksums cannot be packed",
+            });
+        };
+        packed.write(&r.disk, r.offset, &r.payload, &sums);
+    }
+    Ok(packed.finish())
 }
 
 fn need(buf: &Bytes, at: usize, n: usize) -> Result<(), FrameError> {
@@ -428,13 +475,6 @@ pub fn decode_batch(body: Bytes) -> Result<Vec<IngestRecord>, FrameError> {
 /// (version 2): 16 bytes per block in [`blocks_touched`], sharing the body's memory; and each
 /// record's payload CRC32C, verified, so that the payload log need not read the payload again.
 pub fn decode_batch_with_sums(body: Bytes) -> Result<Vec<(IngestRecord, Option<Bytes>, u32)>, FrameError> {
-    decode_records(body, true)
-}
-
-/// Decodes a batch body; with `verify` false, write payloads' CRCs and the body CRC are neither
-/// computed nor checked (for [`pack_batch`] on a body built in this process, whose writes'
-/// CRC fields may be left at zero by [`BatchBuilder::without_checksums`]).
-fn decode_records(body: Bytes, verify: bool) -> Result<Vec<(IngestRecord, Option<Bytes>, u32)>, FrameError> {
     if body.len() > MAX_BATCH_BYTES {
         return Err(FrameError::TooLarge(body.len()));
     }
@@ -503,21 +543,15 @@ fn decode_records(body: Bytes, verify: bool) -> Result<Vec<(IngestRecord, Option
         }
         need(&buf, total - buf.remaining(), payload_len + 4)?;
         let payload = buf.split_to(payload_len);
-        let payload_crc = if verify || kind != RecordKind::Write {
-            crc32c::crc32c(&payload)
-        } else {
-            crc
-        };
+        let payload_crc = crc32c::crc32c(&payload);
         if payload_crc != crc {
             return Err(FrameError::BadRecordChecksum { index });
         }
-        if verify {
-            // The body CRC over this record: its header bytes, then the payload's CRC combined.
-            let header_end = total - buf.remaining() - payload_len;
-            body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..header_end]);
-            body_crc = crate::crc::combine(body_crc, payload_crc, payload_len);
-            crc_at = header_end + payload_len;
-        }
+        // The body CRC over this record: its header bytes, then the payload's CRC combined.
+        let header_end = total - buf.remaining() - payload_len;
+        body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..header_end]);
+        body_crc = crate::crc::combine(body_crc, payload_crc, payload_len);
+        crc_at = header_end + payload_len;
         if kind == RecordKind::PackedWrite {
             crate::zstd_frame::check(&payload, u64::from(len))
                 .map_err(|source| FrameError::BadFrame { index, source })?;
@@ -579,7 +613,7 @@ fn decode_records(body: Bytes, verify: bool) -> Result<Vec<(IngestRecord, Option
         });
     }
     body_crc = crc32c::crc32c_append(body_crc, &body[crc_at..total - 4]);
-    if verify && body_crc != expected {
+    if body_crc != expected {
         return Err(FrameError::BadChecksum);
     }
     Ok(records)
@@ -656,18 +690,6 @@ mod tests {
                 assert_eq!(p, r);
             }
         }
-        // A body built without checksums packs to the same bytes, and is refused as it is.
-        let mut b = BatchBuilder::new(1 << 20).without_checksums();
-        b.begin_write("disk0", 65536);
-        b.push_block(&[7u8; 65536], &[1u8; 16]);
-        b.push_block(&[8u8; 65536], &[2u8; 16]);
-        b.zero("disk0", 0, 65536);
-        b.begin_write("disk1", 0);
-        b.push_block(&[9u8; 100], &[3u8; 16]);
-        let unchecked = b.finish();
-        assert_eq!(unchecked.len(), body.len());
-        assert!(decode_batch(unchecked.clone()).is_err());
-        assert_eq!(pack_batch(&unchecked, Vec::new()).unwrap(), packed);
         // The 128 KiB of repeated bytes are sent as a few dozen.
         assert!(packed.len() < 1000, "packed body of {} bytes", packed.len());
         for i in 0..packed.len() {

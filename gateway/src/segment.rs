@@ -238,7 +238,7 @@ pub fn compress_chunks(records: &[LogRecord]) -> CompressedChunks {
                 zstd.compress_to_buffer(raw.as_slice(), out)
                     .expect("zstd compress to memory");
                 // Room for the tag too, so sealing needs no second buffer.
-                let mut chunk = Vec::with_capacity(out.len() + crypto::TAG_LEN);
+                let mut chunk = crate::pool::vec_with_room(&CHUNKS, out.len() + crypto::TAG_LEN);
                 chunk.extend_from_slice(out);
                 chunk
             });
@@ -275,7 +275,7 @@ fn chunk_of_frames(recs: &[LogRecord], pending: &mut Vec<u8>, zstd: &mut zstd::b
             _ => crate::zstd_frame::raw_frame_len(r.encoded_len()),
         })
         .sum();
-    let mut chunk = Vec::with_capacity(room + crypto::TAG_LEN);
+    let mut chunk = crate::pool::vec_with_room(&CHUNKS, room + crypto::TAG_LEN);
     pending.clear();
     for r in recs {
         if r.kind == RecordKind::PackedWrite {
@@ -384,8 +384,16 @@ pub fn seal_segment(
     trailer.put_u32(crc);
     trailer.put_slice(TRAILER_MAGIC);
     out.put(&trailer);
+    for (chunk, _, _) in sealed {
+        CHUNKS.give(chunk);
+    }
     (header, SEALED.share(out))
 }
+
+/// Chunk buffers, back from sealed segments: a segment's worth (16 MiB of journal bytes, in
+/// chunks of at most 1 MiB), so that chunks are built in memory already mapped.
+static CHUNKS: std::sync::LazyLock<std::sync::Arc<crate::pool::Pool<Vec<u8>>>> =
+    std::sync::LazyLock::new(|| crate::pool::Pool::new(40));
 
 /// Buffers of sealed segments, back once a segment's put is done: a few segments are in flight.
 static SEALED: std::sync::LazyLock<std::sync::Arc<crate::pool::Pool<crate::direct_io::AlignedBuf>>> =
