@@ -49,8 +49,6 @@ pub enum AgentError {
     },
     #[error("invalid CA certificate {0}")]
     BadCa(String),
-    #[error("could not pack a batch for sending: {0}")]
-    Pack(#[from] crate::protocol::FrameError),
     #[error("gave up after {0:?} of failed retries: {1}")]
     GaveUp(Duration, String),
 }

@@ -1,6 +1,6 @@
-//! The agent's disk scan. A few workers, one per core, each take the next 4 MiB stripe of the
-//! disk, read it in 1 MiB pieces, hash its 64 KiB blocks against the replica's checksums and
-//! build batch bodies of what differs. Changed data is compressed straight from the read buffer
+//! The agent's disk scan. Workers (two per core, so that one computes while another waits for
+//! the disk) each take the next 4 MiB stripe of the disk, read it in 1 MiB pieces, hash its
+//! 64 KiB blocks against the replica's checksums and build batch bodies of what differs. Changed data is compressed straight from the read buffer
 //! while the CPU's cache still holds it: block data is never copied raw, and the memory a sync
 //! touches stays a few buffers per worker. A piece already in the page cache is copied from it;
 //! any other is read with direct I/O, which neither waits for nor evicts the protected
