@@ -27,6 +27,8 @@ use crate::segment;
 pub const SEGMENT_MAX_BYTES: usize = 16 << 20;
 /// Compact the emptied journal after this many bytes were uploaded since the last compaction.
 const COMPACT_AFTER_BYTES: u64 = 256 << 20;
+/// How long an idle uploader lets new data gather before the first segment of a burst.
+const GATHER_FOR: Duration = Duration::from_millis(100);
 
 /// The blob store plus what durability needs: for a local folder, the root to fsync under.
 #[derive(Clone)]
@@ -181,14 +183,24 @@ impl Uploader {
                     let _ = tokio::task::spawn_blocking(move || j.compact()).await;
                 }
                 tokio::select! {
-                    _ = notified => {
-                        // Let a burst of small batches gather into one segment.
-                        if self.journal.cache_used() < (8 << 20) {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
+                    _ = notified => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => return,
+                }
+                // Let a burst of small batches gather into one segment, for at most GATHER_FOR:
+                // a stream that brings half a segment sooner starts uploading at once.
+                let until = tokio::time::Instant::now() + GATHER_FOR;
+                loop {
+                    let more = self.journal.state.committed.notified();
+                    if self.journal.cache_used() >= SEGMENT_MAX_BYTES as u64 / 2 || tokio::time::Instant::now() >= until
+                    {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = more => {}
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = shutdown.changed() => return,
+                    }
                 }
                 continue;
             }
