@@ -224,18 +224,6 @@ impl BatchBuilder {
         self.records() == 0
     }
 
-    /// Payload bytes of the open write (0 when none is open).
-    pub fn open_write_len(&self) -> usize {
-        self.open.as_ref().map_or(0, |w| self.buf.len() - w.payload_at)
-    }
-
-    /// Whether the open write ends at `offset` (so a block there can extend it).
-    pub fn open_write_ends_at(&self, offset: u64) -> bool {
-        let Some(w) = &self.open else { return false };
-        let start = u64::from_be_bytes(self.buf[w.payload_at - 16..w.payload_at - 8].try_into().expect("8"));
-        start + (self.buf.len() - w.payload_at) as u64 == offset
-    }
-
     fn add_crc(&mut self, upto: usize) {
         self.crc = crc32c::crc32c_append(self.crc, &self.buf[self.crc_len..upto]);
         self.crc_len = upto;
@@ -635,7 +623,6 @@ mod tests {
         let mut b = BatchBuilder::new(1 << 20);
         b.begin_write("disk0", 65536);
         b.push_block(&[7u8; 65536], &[1u8; 16]);
-        assert!(b.open_write_ends_at(131072));
         b.push_block(&[8u8; 65536], &[2u8; 16]);
         b.zero("disk0", 0, 65536);
         b.begin_write("disk1", 0);
