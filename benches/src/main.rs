@@ -206,37 +206,31 @@ fn lifeboat_run(bin: &Path, corpus: &Path, dir: &Path) -> anyhow::Result<(Durati
 }
 
 /// The batches an agent's first sync of `corpus` sends, packed (compressed), built once in
-/// memory: every non-zero 64 KiB block, in writes of up to 1 MiB, 8 MiB of data per batch.
+/// memory by the agent's own scan against an empty replica.
 fn packed_batches(corpus: &Path) -> anyhow::Result<Vec<bytes::Bytes>> {
-    use gateway::journal::{block_checksum, is_zero, BLOCK_SIZE};
-    use gateway::protocol::{pack_batch, BatchBuilder};
-    let data = std::fs::read(corpus)?;
-    let mut out = Vec::new();
-    let mut batch = BatchBuilder::new(9 << 20);
-    let (mut batch_bytes, mut run_end, mut run_len) = (0usize, u64::MAX, 0usize);
-    for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
-        let off = i as u64 * BLOCK_SIZE;
-        if is_zero(block) {
-            continue;
+    use gateway::disk_scan::{scan, ScanJob, ScannedBody};
+    let size = std::fs::metadata(corpus)?.len();
+    let job = ScanJob {
+        file: std::fs::File::open(corpus)?,
+        direct: None,
+        size,
+        disk: "disk0".into(),
+        replica: vec![0; size.div_ceil(gateway::journal::BLOCK_SIZE) as usize * 16],
+        compress: true,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ScannedBody>(1);
+    let (_spare_tx, spare) = crossbeam_channel::bounded(1);
+    let collect = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        while let Some(b) = rx.blocking_recv() {
+            out.push(b.body);
         }
-        if off != run_end || run_len >= gateway::agent::EXTENT_BYTES {
-            batch.begin_write("disk0", off);
-            run_len = 0;
-        }
-        batch.push_block(block, &block_checksum(block));
-        run_end = off + block.len() as u64;
-        run_len += block.len();
-        batch_bytes += block.len();
-        if batch_bytes >= gateway::agent::BATCH_BYTES {
-            let full = std::mem::replace(&mut batch, BatchBuilder::new(9 << 20)).finish();
-            out.push(pack_batch(&full, Vec::new())?);
-            (batch_bytes, run_end) = (0, u64::MAX);
-        }
-    }
-    if !batch.is_empty() {
-        out.push(pack_batch(&batch.finish(), Vec::new())?);
-    }
-    Ok(out)
+        out
+    });
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    scan(&job, workers, &tx, &spare, &|_| {})?;
+    drop(tx);
+    Ok(collect.join().expect("collector"))
 }
 
 /// The appliance alone: a fresh appliance ingests `batches` (an agent's packed first sync,

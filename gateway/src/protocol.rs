@@ -233,11 +233,7 @@ impl BatchBuilder {
     pub fn begin_write(&mut self, disk: &str, offset: u64) {
         self.close_write();
         let header_at = self.buf.len();
-        self.buf.put_u8(RecordKind::Write as u8);
-        self.buf.put_u8(disk.len() as u8);
-        self.buf.put_slice(disk.as_bytes());
-        self.buf.put_u64(offset);
-        self.buf.put_u32(0);
+        put_record_head(&mut self.buf, RecordKind::Write, disk, offset, 0);
         self.buf.put_u32(0);
         self.open = Some(OpenWrite {
             header_at,
@@ -274,11 +270,7 @@ impl BatchBuilder {
     /// Adds a zero-range record.
     pub fn zero(&mut self, disk: &str, offset: u64, len: u32) {
         self.close_write();
-        self.buf.put_u8(RecordKind::Zero as u8);
-        self.buf.put_u8(disk.len() as u8);
-        self.buf.put_slice(disk.as_bytes());
-        self.buf.put_u64(offset);
-        self.buf.put_u32(len);
+        put_record_head(&mut self.buf, RecordKind::Zero, disk, offset, len);
         self.buf.put_u32(crc32c::crc32c(&[]));
         self.count += 1;
     }
@@ -296,6 +288,15 @@ impl BatchBuilder {
     }
 }
 
+/// A record's fields before its CRC: kind, disk name (length-prefixed), offset, length.
+fn put_record_head(buf: &mut impl BufMut, kind: RecordKind, disk: &str, offset: u64, len: u32) {
+    buf.put_u8(kind as u8);
+    buf.put_u8(disk.len() as u8);
+    buf.put_slice(disk.as_bytes());
+    buf.put_u64(offset);
+    buf.put_u32(len);
+}
+
 /// Encodes records into one batch body (version 1: no block checksums; the server hashes).
 pub fn encode_batch(records: &[IngestRecord]) -> Bytes {
     let size = BATCH_HEADER_LEN + records.iter().map(IngestRecord::encoded_len).sum::<usize>() + 4;
@@ -305,11 +306,7 @@ pub fn encode_batch(records: &[IngestRecord]) -> Bytes {
     buf.put_u16(0);
     buf.put_u32(records.len() as u32);
     for r in records {
-        buf.put_u8(r.kind as u8);
-        buf.put_u8(r.disk.len() as u8);
-        buf.put_slice(r.disk.as_bytes());
-        buf.put_u64(r.offset);
-        buf.put_u32(r.len);
+        put_record_head(&mut buf, r.kind, &r.disk, r.offset, r.len);
         buf.put_u32(crc32c::crc32c(&r.payload));
         buf.put_slice(&r.payload);
     }
@@ -369,11 +366,7 @@ impl PackedBatchBuilder {
     }
 
     fn head(&mut self, kind: RecordKind, disk: &str, offset: u64, len: u32) {
-        self.out.put_u8(kind as u8);
-        self.out.put_u8(disk.len() as u8);
-        self.out.put_slice(disk.as_bytes());
-        self.out.put_u64(offset);
-        self.out.put_u32(len);
+        put_record_head(&mut self.out, kind, disk, offset, len);
         self.count += 1;
     }
 

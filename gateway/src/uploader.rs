@@ -182,17 +182,19 @@ impl Uploader {
                     let j = self.journal.clone();
                     let _ = tokio::task::spawn_blocking(move || j.compact()).await;
                 }
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                let woken = tokio::select! {
+                    _ = notified => true,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => false,
                     _ = shutdown.changed() => return,
-                }
+                };
                 // Let a burst of small batches gather into one segment, for at most GATHER_FOR:
                 // a stream that brings half a segment sooner starts uploading at once.
                 let until = tokio::time::Instant::now() + GATHER_FOR;
                 loop {
                     let more = self.journal.state.committed.notified();
-                    if self.journal.cache_used() >= SEGMENT_MAX_BYTES as u64 / 2 || tokio::time::Instant::now() >= until
+                    if !woken
+                        || self.journal.cache_used() >= SEGMENT_MAX_BYTES as u64 / 2
+                        || tokio::time::Instant::now() >= until
                     {
                         break;
                     }
